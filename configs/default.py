@@ -1,0 +1,60 @@
+"""Defaults shared by every experiment config: the paper's CIFAR-10 recipe (SPEC section 2).
+
+Experiment configs import this and change only what differs. Every field here is read by the
+training code; `--config.<field>=value` overrides any of them and an unknown field is an error.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # Network: keywords of pyramidnet_jax.PyramidNet.
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'pyramidnet'
+  config.model.depth = 110
+  config.model.alpha = 48.0
+  config.model.bottleneck = False
+  config.model.widening = 'additive'  # 'additive' | 'multiplicative'
+  config.model.stem = 'cifar'  # 'cifar' | 'imagenet'
+  config.model.rounding = 'half_up'  # 'half_up' | 'half_even'
+  config.model.dropout_rate = 0.0
+  config.model.remat = False
+  config.model.dtype = 'float32'  # 'float32' | 'bfloat16' (computation; params stay float32)
+
+  # Data.
+  config.dataset = 'cifar10'  # 'cifar10' | 'cifar100' | 'imagenet2012' | 'fashion_mnist'
+  config.data_dir = ''  # '' = the TFDS default, or /usr/share/datasets/fashion-mnist.
+  config.augment = True  # Dataset's training augmentation (CIFAR: pad 4, crop, flip).
+  config.validation_fraction = 0.0  # Stratified hold-out from the training split.
+  config.validation_seed = 0
+
+  # Optimisation: SGD, Nesterov, coupled L2 weight decay on all parameters.
+  config.batch_size = 128  # Global, across all devices and hosts.
+  config.eval_batch_size = 500
+  config.num_epochs = 300
+  config.num_train_steps = -1  # When > 0, overrides num_epochs.
+  config.learning_rate = 0.1
+  config.lr_schedule = 'piecewise'  # 'piecewise' | 'cosine'
+  config.lr_boundaries = (150, 225)  # Epochs at which the LR is multiplied by lr_decay.
+  config.lr_decay = 0.1
+  config.warmup_epochs = 0.0  # Linear warm-up from 0, before either schedule.
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 1e-4
+  config.label_smoothing = 0.0
+
+  # Early stopping on validation accuracy (needs validation_fraction > 0); 0 turns it off.
+  config.early_stopping_patience = 0  # Epochs without improvement before stopping.
+  config.early_stopping_min_delta = 0.0  # Smallest accuracy gain that counts as improvement.
+
+  # Bookkeeping.
+  config.seed = 0
+  config.checkpoint_every_steps = 1000
+  config.checkpoints_to_keep = 2
+  config.log_every_steps = 50
+  config.progress_bar = True
+  config.compilation_cache_dir = '~/.cache/pyramidnet_jax/xla'  # '' turns the cache off.
+
+  return config

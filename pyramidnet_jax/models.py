@@ -1,0 +1,331 @@
+"""PyramidNet (Han, Kim & Kim, CVPR 2017) as Flax Linen modules.
+
+The network follows the authors' PyTorch code (dyhan0920/PyramidNet-PyTorch) layer for layer,
+so converted weights give the same logits; submodule names mirror its state_dict keys
+(`conv1`, `bn1`, `layer1_0/bn1`, ..., `bn_final`, `fc`). Architecture facts: ../shared/SPEC.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+STEMS = ('cifar', 'imagenet')
+WIDENINGS = ('additive', 'multiplicative')
+ROUNDINGS = ('half_up', 'half_even')
+
+# ImageNet depth -> (blocks per stage, bottleneck).
+IMAGENET_LAYOUTS = {
+    18: ((2, 2, 2, 2), False),
+    34: ((3, 4, 6, 3), False),
+    50: ((3, 4, 6, 3), True),
+    101: ((3, 4, 23, 3), True),
+    152: ((3, 8, 36, 3), True),
+    200: ((3, 24, 36, 3), True),
+}
+STEM_WIDTH = {'cifar': 16, 'imagenet': 64}
+BOTTLENECK_EXPANSION = 4
+
+# PyTorch defaults that the authors kept: BN momentum 0.1 (Flax 0.9), epsilon 1e-5.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+# He fan-out normal, not truncated: the authors' normal_(0, sqrt(2 / (k * k * out))).
+conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _check_choice(name: str, value: str, valid: Sequence[str]) -> None:
+  if value not in valid:
+    raise ValueError(f'Unknown {name} {value!r}: expected one of {", ".join(map(repr, valid))}.')
+
+
+def blocks_per_stage(depth: int, bottleneck: bool, stem: str = 'cifar') -> tuple[int, ...]:
+  """Number of residual blocks in each stage, or a ValueError saying which depths are valid."""
+  _check_choice('stem', stem, STEMS)
+  if isinstance(depth, bool) or not isinstance(depth, int):
+    raise ValueError(f'depth must be an int, got {depth!r}.')
+  if stem == 'imagenet':
+    if depth not in IMAGENET_LAYOUTS:
+      raise ValueError(
+          f'ImageNet-stem PyramidNet has no depth {depth}: valid depths are '
+          f'{sorted(IMAGENET_LAYOUTS)} (18 and 34 with bottleneck=False, the rest with '
+          'bottleneck=True).')
+    layout, needs_bottleneck = IMAGENET_LAYOUTS[depth]
+    if bottleneck != needs_bottleneck:
+      kind = 'bottleneck' if needs_bottleneck else 'basic'
+      raise ValueError(
+          f'ImageNet-stem depth {depth} uses {kind} blocks: pass bottleneck={needs_bottleneck}.')
+    return layout
+  layers_per_block = 9 if bottleneck else 6
+  if depth < 2 + layers_per_block or (depth - 2) % layers_per_block:
+    kind = 'bottleneck' if bottleneck else 'basic'
+    first = 2 + layers_per_block
+    raise ValueError(
+        f'CIFAR-stem PyramidNet with {kind} blocks needs depth = {layers_per_block}n + 2 '
+        f'(n >= 1: {first}, {first + layers_per_block}, {first + 2 * layers_per_block}, ...), '
+        f'got {depth}.')
+  return (((depth - 2) // layers_per_block),) * 3
+
+
+def _round(value: float, rounding: str) -> int:
+  if rounding == 'half_up':
+    return int(math.floor(value + 0.5))  # The authors' Torch code.
+  return int(round(value))  # Python 3's round(): half to even.
+
+
+def block_widths(depth: int, alpha: float, bottleneck: bool = False, widening: str = 'additive',
+                 stem: str = 'cifar', rounding: str = 'half_up') -> tuple[tuple[int, ...], ...]:
+  """Per-stage tuples of block widths (the 3x3 conv width; bottleneck outputs are 4x this).
+
+  The float accumulator is widened before every block, the first included, in exactly the
+  authors' order of float operations, because exact ties (k + 0.5) do occur.
+  """
+  _check_choice('widening', widening, WIDENINGS)
+  _check_choice('rounding', rounding, ROUNDINGS)
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    raise ValueError(f'alpha must be a finite number, got {alpha!r}.')
+  if alpha <= 0:
+    raise ValueError(f'alpha must be > 0, got {alpha}.')
+  if widening == 'multiplicative' and alpha <= 1:
+    raise ValueError(
+        f'multiplicative widening needs alpha > 1 (the ratio of final to initial width, e.g. '
+        f'4.75, 8, 27), got {alpha}.')
+  layout = blocks_per_stage(depth, bottleneck, stem)
+  num_blocks = sum(layout)
+  acc = float(STEM_WIDTH[stem])
+  step = alpha / num_blocks
+  ratio = alpha ** (1.0 / num_blocks)
+  widths = []
+  for blocks in layout:
+    stage = []
+    for _ in range(blocks):
+      acc = acc + step if widening == 'additive' else acc * ratio
+      stage.append(_round(acc, rounding))
+    widths.append(tuple(stage))
+  return tuple(widths)
+
+
+def _pad(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  # Explicit symmetric padding (PyTorch semantics); Flax 'SAME' pads (0, 1) for even inputs at
+  # stride 2, which would silently break parity with the authors' weights.
+  p = kernel // 2
+  return ((p, p), (p, p))
+
+
+def shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array:
+  """The parameter-free shortcut: 2x2 average pool when strided, then zero channels appended.
+
+  The pool is PyTorch's AvgPool2d(2, 2, ceil_mode=True): on an odd size the last window is
+  partial and averages only the pixels it covers, matching the ceil(n / 2) of the strided conv.
+  """
+  if stride == 2:
+    pad = ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0))
+    window = (1, 2, 2, 1)
+    sums = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, window, window, pad)
+    ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
+    counts = jax.lax.reduce_window(ones, jnp.array(0, x.dtype), jax.lax.add, window, window, pad)
+    x = sums / counts
+  elif stride != 1:
+    raise ValueError(f'stride must be 1 or 2, got {stride}.')
+  extra = out_channels - x.shape[-1]
+  if extra < 0:
+    raise ValueError(f'shortcut cannot shrink {x.shape[-1]} channels to {out_channels}.')
+  if extra:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+  return x
+
+
+class BasicBlock(nn.Module):
+  """BN -> conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, plus the shortcut; no final ReLU."""
+  width: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def out_channels(self) -> int:
+    return self.width
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
+                             epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
+    y = norm(name='bn1')(x)
+    y = conv(self.width, (3, 3), (self.stride, self.stride), padding=_pad(3), name='conv1')(y)
+    y = nn.relu(norm(name='bn2')(y))
+    y = conv(self.width, (3, 3), padding=_pad(3), name='conv2')(y)
+    y = norm(name='bn3')(y)
+    return y + shortcut(x, self.width, self.stride).astype(y.dtype)
+
+
+class BottleneckBlock(nn.Module):
+  """BN -> 1x1 -> BN -> ReLU -> 3x3(stride) -> BN -> ReLU -> 1x1 (4 * width) -> BN, + shortcut."""
+  width: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def out_channels(self) -> int:
+    return self.width * BOTTLENECK_EXPANSION
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
+                             epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
+    y = norm(name='bn1')(x)
+    y = conv(self.width, (1, 1), padding=_pad(1), name='conv1')(y)
+    y = nn.relu(norm(name='bn2')(y))
+    y = conv(self.width, (3, 3), (self.stride, self.stride), padding=_pad(3), name='conv2')(y)
+    y = nn.relu(norm(name='bn3')(y))
+    y = conv(self.out_channels, (1, 1), padding=_pad(1), name='conv3')(y)
+    y = norm(name='bn4')(y)
+    return y + shortcut(x, self.out_channels, self.stride).astype(y.dtype)
+
+
+def _torch_linear_init(fan_in: int):
+  """PyTorch's default nn.Linear init, uniform(+-1/sqrt(fan_in)), for kernel and bias alike."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class PyramidNet(nn.Module):
+  """Deep Pyramidal Residual Network.
+
+  Attributes:
+    depth: number of weighted layers: 6n + 2 (basic) or 9n + 2 (bottleneck) with the CIFAR
+      stem; 18, 34 (basic), 50, 101, 152, 200 (bottleneck) with the ImageNet stem.
+    alpha: widening factor: total width added (additive) or final/initial width ratio
+      (multiplicative).
+    num_classes: classifier outputs.
+    bottleneck: bottleneck blocks (output 4x the block width) instead of basic blocks.
+    widening: 'additive' (the paper) or 'multiplicative' (the authors' Torch code).
+    stem: 'cifar' (3x3 conv, 3 stages) or 'imagenet' (7x7/2 conv + max pool, 4 stages).
+    rounding: 'half_up' (floor(w + 0.5), as the authors ran it) or 'half_even' (Python 3 round()).
+    dropout_rate: dropout before the classifier (the paper's ImageNet a450 row uses 0.5).
+    remat: rematerialise each block in the backward pass (less memory, ~1/3 more compute).
+    dtype: computation dtype (e.g. jnp.bfloat16); BN statistics and logits stay float32.
+    param_dtype: parameter dtype.
+  """
+  depth: int
+  alpha: float
+  num_classes: int
+  bottleneck: bool = False
+  widening: str = 'additive'
+  stem: str = 'cifar'
+  rounding: str = 'half_up'
+  dropout_rate: float = 0.0
+  remat: bool = False
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def widths(self) -> tuple[tuple[int, ...], ...]:
+    """Per-stage block widths; validates the configuration."""
+    return block_widths(self.depth, self.alpha, self.bottleneck, self.widening, self.stem,
+                        self.rounding)
+
+  @property
+  def num_features(self) -> int:
+    """Width of the pooled feature vector fed to the classifier."""
+    last = self.widths[-1][-1]
+    return last * BOTTLENECK_EXPANSION if self.bottleneck else last
+
+  def _validate(self, x: jax.Array) -> None:
+    if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
+        or self.num_classes < 1:
+      raise ValueError(f'num_classes must be a positive int, got {self.num_classes!r}.')
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f'dropout_rate must be in [0, 1), got {self.dropout_rate}.')
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+      raise ValueError(
+          f'PyramidNet expects NHWC images with 1 or 3 channels, shape (batch, height, width, '
+          f'channels); got shape {tuple(x.shape)}. Transpose NCHW input with '
+          'x.transpose(0, 2, 3, 1).')
+
+  def features(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    """Backbone: {'stem', 'stage1', ..., 'stageK', 'pooled'}; 'pooled' is (batch, num_features).
+
+    Call it with `model.apply(variables, x, method='features')`.
+    """
+    return self(x, train, return_features=True)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
+    """Float32 logits (batch, num_classes), or the `features` dict if return_features."""
+    self._validate(x)
+    widths = self.widths
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
+                             epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    out = {}
+    x = x.astype(self.dtype)
+    if self.stem == 'cifar':
+      x = conv(STEM_WIDTH['cifar'], (3, 3), padding=_pad(3), name='conv1')(x)
+      x = norm(name='bn1')(x)
+    else:
+      x = conv(STEM_WIDTH['imagenet'], (7, 7), (2, 2), padding=_pad(7), name='conv1')(x)
+      x = nn.relu(norm(name='bn1')(x))
+      x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
+    out['stem'] = x
+    block_cls = BottleneckBlock if self.bottleneck else BasicBlock
+    if self.remat:
+      block_cls = nn.remat(block_cls, static_argnums=(2,))  # arg 2 is `train` (self is 0).
+    for stage, stage_widths in enumerate(widths):
+      for i, width in enumerate(stage_widths):
+        stride = 2 if stage > 0 and i == 0 else 1
+        x = block_cls(width, stride, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name=f'layer{stage + 1}_{i}')(x, train)
+      out[f'stage{stage + 1}'] = x
+    x = nn.relu(norm(name='bn_final')(x))
+    out['pooled'] = pooled = jnp.mean(x, axis=(1, 2))
+    if return_features:
+      return out
+    pooled = nn.Dropout(self.dropout_rate, name='dropout')(pooled, deterministic=not train)
+    fan_in = self.num_features
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=_torch_linear_init(fan_in), bias_init=_torch_linear_init(fan_in),
+                      name='fc')(pooled)
+    return logits.astype(jnp.float32)
+
+
+# The networks of the paper's tables. CIFAR depths >= 164 use bottleneck blocks, as in the paper.
+PRESETS: dict[str, dict[str, Any]] = {
+    'cifar_110_a48': dict(depth=110, alpha=48, bottleneck=False),
+    'cifar_110_a84': dict(depth=110, alpha=84, bottleneck=False),
+    'cifar_110_a270': dict(depth=110, alpha=270, bottleneck=False),
+    'cifar_110_a4.75_mul': dict(depth=110, alpha=4.75, bottleneck=False, widening='multiplicative'),
+    'cifar_110_a8_mul': dict(depth=110, alpha=8, bottleneck=False, widening='multiplicative'),
+    'cifar_110_a27_mul': dict(depth=110, alpha=27, bottleneck=False, widening='multiplicative'),
+    'cifar_164_a48': dict(depth=164, alpha=48, bottleneck=True),
+    'cifar_164_a84': dict(depth=164, alpha=84, bottleneck=True),
+    'cifar_164_a270': dict(depth=164, alpha=270, bottleneck=True),
+    'cifar_200_a240': dict(depth=200, alpha=240, bottleneck=True),
+    'cifar_236_a220': dict(depth=236, alpha=220, bottleneck=True),
+    'cifar_272_a200': dict(depth=272, alpha=200, bottleneck=True),
+    'imagenet_101_a360': dict(depth=101, alpha=360, bottleneck=True, stem='imagenet'),
+    'imagenet_200_a300': dict(depth=200, alpha=300, bottleneck=True, stem='imagenet'),
+    'imagenet_200_a450': dict(depth=200, alpha=450, bottleneck=True, stem='imagenet',
+                              dropout_rate=0.5),
+}
+
+
+def create_model(name: str, num_classes: int, **overrides) -> PyramidNet:
+  """A preset network by name, e.g. create_model('cifar_272_a200', 100, dtype=jnp.bfloat16)."""
+  if name not in PRESETS:
+    raise ValueError(f'Unknown preset {name!r}: expected one of {", ".join(PRESETS)}.')
+  return PyramidNet(**{**PRESETS[name], 'num_classes': num_classes, **overrides})
