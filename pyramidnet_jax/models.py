@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pyramidnet_jax.conv import Conv
+
 STEMS = ('cifar', 'imagenet')
 WIDENINGS = ('additive', 'multiplicative')
 ROUNDINGS = ('half_up', 'half_even')
@@ -124,12 +126,8 @@ def shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array:
   partial and averages only the pixels it covers, matching the ceil(n / 2) of the strided conv.
   """
   if stride == 2:
-    pad = ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0))
-    window = (1, 2, 2, 1)
-    sums = jax.lax.reduce_window(x, jnp.array(0, x.dtype), jax.lax.add, window, window, pad)
-    ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
-    counts = jax.lax.reduce_window(ones, jnp.array(0, x.dtype), jax.lax.add, window, window, pad)
-    x = sums / counts
+    pad = ((0, x.shape[1] % 2), (0, x.shape[2] % 2))
+    x = nn.avg_pool(x, (2, 2), (2, 2), padding=pad, count_include_pad=False)
   elif stride != 1:
     raise ValueError(f'stride must be 1 or 2, got {stride}.')
   extra = out_channels - x.shape[-1]
@@ -153,14 +151,14 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+    conv = functools.partial(Conv, kernel_init=conv_init, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
                              epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
     y = norm(name='bn1')(x)
-    y = conv(self.width, (3, 3), (self.stride, self.stride), padding=_pad(3), name='conv1')(y)
+    y = conv(self.width, 3, self.stride, _pad(3), name='conv1')(y)
     y = nn.relu(norm(name='bn2')(y))
-    y = conv(self.width, (3, 3), padding=_pad(3), name='conv2')(y)
+    y = conv(self.width, 3, padding=_pad(3), name='conv2')(y)
     y = norm(name='bn3')(y)
     return y + shortcut(x, self.width, self.stride).astype(y.dtype)
 
@@ -178,16 +176,16 @@ class BottleneckBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+    conv = functools.partial(Conv, kernel_init=conv_init, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
                              epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
     y = norm(name='bn1')(x)
-    y = conv(self.width, (1, 1), padding=_pad(1), name='conv1')(y)
+    y = conv(self.width, 1, name='conv1')(y)
     y = nn.relu(norm(name='bn2')(y))
-    y = conv(self.width, (3, 3), (self.stride, self.stride), padding=_pad(3), name='conv2')(y)
+    y = conv(self.width, 3, self.stride, _pad(3), name='conv2')(y)
     y = nn.relu(norm(name='bn3')(y))
-    y = conv(self.out_channels, (1, 1), padding=_pad(1), name='conv3')(y)
+    y = conv(self.out_channels, 1, name='conv3')(y)
     y = norm(name='bn4')(y)
     return y + shortcut(x, self.out_channels, self.stride).astype(y.dtype)
 
@@ -270,15 +268,15 @@ class PyramidNet(nn.Module):
     widths = self.widths
     norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
                              epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype,
+    conv = functools.partial(Conv, kernel_init=conv_init, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     out = {}
     x = x.astype(self.dtype)
     if self.stem == 'cifar':
-      x = conv(STEM_WIDTH['cifar'], (3, 3), padding=_pad(3), name='conv1')(x)
+      x = conv(STEM_WIDTH['cifar'], 3, padding=_pad(3), name='conv1')(x)
       x = norm(name='bn1')(x)
     else:
-      x = conv(STEM_WIDTH['imagenet'], (7, 7), (2, 2), padding=_pad(7), name='conv1')(x)
+      x = conv(STEM_WIDTH['imagenet'], 7, 2, _pad(7), name='conv1')(x)
       x = nn.relu(norm(name='bn1')(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
     out['stem'] = x
