@@ -1,0 +1,15 @@
+"""PyramidNet-200 (additive, alpha 240, bottleneck blocks; 1024 final features) on CIFAR-100.
+
+  python -m pyramidnet_jax.main --config=configs/cifar100_200_a240.py \
+      --workdir=runs/cifar100_200_a240
+
+Paper: four GPUs, batch 128 in all, LR 0.5; ours: one GPU or TPU host. Expected: the paper's 16.51%
+top-1 test error. Time: ~3 h on one H100 (estimate: 407 PFLOP at 40 TFLOP/s); basis in
+configs/cifar_common.py.
+"""
+
+from configs import cifar_common
+
+
+def get_config():
+  return cifar_common.get_config(200, 240, dataset='cifar100', bottleneck=True)
