@@ -1,0 +1,395 @@
+"""Training and evaluation: a pure jit-compiled step over a device mesh, and the loop around it.
+
+The step is `jax.jit` over a Mesh of all devices: the batch is split on the 'data' axis and the
+state is replicated, so BatchNorm statistics are computed over the global batch. The loop resumes
+from the workdir's latest checkpoint; since every batch is a pure function of (seed, epoch, index)
+and dropout keys are folded from the step, a resumed run repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import flax
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+import ml_collections
+import numpy as np
+import optax
+
+from pyramidnet_jax import checkpoints
+from pyramidnet_jax import input_pipeline
+from pyramidnet_jax import models
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> models.PyramidNet:
+  if model_config.name != 'pyramidnet':
+    raise ValueError(f'Unknown config.model.name {model_config.name!r}: expected "pyramidnet".')
+  if model_config.dtype not in DTYPES:
+    raise ValueError(f'Unknown config.model.dtype {model_config.dtype!r}: expected one of '
+                     f'{sorted(DTYPES)}.')
+  return models.PyramidNet(
+      depth=model_config.depth, alpha=model_config.alpha, num_classes=num_classes,
+      bottleneck=model_config.bottleneck, widening=model_config.widening, stem=model_config.stem,
+      rounding=model_config.rounding, dropout_rate=model_config.dropout_rate,
+      remat=model_config.remat, dtype=DTYPES[model_config.dtype])
+
+
+def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                            total_steps: int) -> optax.Schedule:
+  """Linear warm-up, then piecewise-constant (boundaries in epochs) or cosine decay."""
+  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+  if config.lr_schedule == 'piecewise':
+    main = optax.piecewise_constant_schedule(
+        config.learning_rate,
+        # Boundaries count from the start of training, the warm-up included.
+        {int(round(b * steps_per_epoch)) - warmup_steps: config.lr_decay
+         for b in config.lr_boundaries})
+  elif config.lr_schedule == 'cosine':
+    main = optax.cosine_decay_schedule(config.learning_rate, max(1, total_steps - warmup_steps))
+  else:
+    raise ValueError(f'Unknown lr_schedule {config.lr_schedule!r}: expected "piecewise" or '
+                     '"cosine".')
+  if warmup_steps == 0:
+    return main
+  warmup = optax.linear_schedule(0.0, config.learning_rate, warmup_steps)
+  return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def create_optimizer(config: ml_collections.ConfigDict,
+                     learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
+  """SGD with Nesterov momentum and coupled L2 weight decay on every parameter (BN included).
+
+  The decay is added to the gradient before momentum, as PyTorch's SGD(weight_decay=...) does.
+  """
+  return optax.chain(
+      optax.add_decayed_weights(config.weight_decay),
+      optax.sgd(learning_rate_fn, momentum=config.momentum, nesterov=config.nesterov))
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
+                       label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
+  targets = jax.nn.one_hot(labels, num_classes)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, learning_rate_fn: optax.Schedule,
+               label_smoothing: float, dropout_key: jax.Array) -> tuple[TrainState, dict]:
+  """One SGD step on a global batch; pure, so jit can donate and shard it."""
+  num_classes = state.params['fc']['bias'].shape[0]
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        mutable=['batch_stats'], rngs={'dropout': jax.random.fold_in(dropout_key, state.step)})
+    loss = cross_entropy_loss(logits, batch['label'], num_classes, label_smoothing).mean()
+    return loss, (logits, updates['batch_stats'])
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  metrics = {
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'learning_rate': learning_rate_fn(state.step),
+  }
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Masked sums over a padded eval batch: loss, top-1 and top-5 hits, example count."""
+  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats},
+                          batch['image'], train=False)
+  num_classes = logits.shape[-1]
+  mask = batch['mask']
+  labels = batch['label']
+  loss = cross_entropy_loss(logits, labels, num_classes)
+  top_k = jax.lax.top_k(logits, min(5, num_classes))[1]
+  return {
+      'loss': jnp.sum(loss * mask),
+      'top1': jnp.sum((top_k[:, 0] == labels) * mask),
+      'top5': jnp.sum(jnp.any(top_k == labels[:, None], axis=-1) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+@dataclasses.dataclass
+class Runtime:
+  """The mesh and the compiled functions for one model and optimiser."""
+  mesh: jax.sharding.Mesh
+  data_sharding: NamedSharding
+  replicated: NamedSharding
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    # Each process passes its own slice of the global batch.
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
+
+
+def create_runtime(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule,
+                   devices: Any = None) -> Runtime:
+  devices = jax.devices() if devices is None else devices
+  mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
+  data_sharding = NamedSharding(mesh, PartitionSpec('data'))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  for name in ('batch_size', 'eval_batch_size'):
+    if config[name] % len(devices):
+      raise ValueError(f'config.{name}={config[name]} must be divisible by the {len(devices)} '
+                       'devices it is split over.')
+  step = functools.partial(train_step, learning_rate_fn=learning_rate_fn,
+                           label_smoothing=config.label_smoothing,
+                           dropout_key=jax.random.key(config.seed + 1))
+  return Runtime(
+      mesh=mesh, data_sharding=data_sharding, replicated=replicated,
+      train_step=jax.jit(step, in_shardings=(replicated, data_sharding),
+                         out_shardings=(replicated, replicated), donate_argnums=0),
+      eval_step=jax.jit(eval_step, in_shardings=(replicated, data_sharding),
+                        out_shardings=replicated))
+
+
+def init_variables(model: models.PyramidNet, key: jax.Array,
+                   image_shape: tuple[int, ...]) -> dict[str, Any]:
+  """Model variables. Parameter shapes don't depend on the image size, so init on a tiny image."""
+  tiny = (1, 8, 8, image_shape[-1])
+  return jax.jit(functools.partial(model.init, train=False))(key, jnp.zeros(tiny, model.dtype))
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: models.PyramidNet,
+                       image_shape: tuple[int, ...], tx: optax.GradientTransformation,
+                       runtime: Runtime) -> TrainState:
+  variables = init_variables(model, jax.random.key(config.seed), image_shape)
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                            batch_stats=variables['batch_stats'])
+  return jax.device_put(state, runtime.replicated)
+
+
+def evaluate(runtime: Runtime, state: TrainState, split: input_pipeline.Split,
+             dataset: input_pipeline.Dataset, batch_size: int) -> dict[str, float]:
+  totals = None
+  for batch in input_pipeline.eval_batches(split, batch_size, dataset.mean, dataset.std):
+    sums = runtime.eval_step(state, runtime.put_batch(batch))
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'loss': float(totals['loss']) / count, 'accuracy': float(totals['top1']) / count,
+          'top5_accuracy': float(totals['top5']) / count}
+
+
+class MetricsLog:
+  """TensorBoard scalars and metrics.jsonl, written by process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    if self.enabled:
+      import tensorboardX  # Loaded only by the training loop.
+      self.writer = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def write(self, step: int, split: str, metrics: dict[str, float], **extra: Any) -> None:
+    if not self.enabled:
+      return
+    for name, value in metrics.items():
+      self.writer.add_scalar(f'{split}/{name}', value, step)
+    self.jsonl.write(json.dumps({'step': step, 'split': split, **extra, **metrics}) + '\n')
+    self.jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.writer.close()
+      self.jsonl.close()
+
+
+def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+
+
+def _check_finite(metrics: dict[str, float], step: int, workdir: str, last_saved: int | None):
+  if not math.isfinite(metrics['loss']):
+    kept = (f'the last good checkpoint (step {last_saved}) is kept in {workdir}'
+            if last_saved is not None else 'no checkpoint had been saved yet')
+    raise FloatingPointError(
+        f'The training loss became {metrics["loss"]} by step {step}; {kept}. Lower '
+        'config.learning_rate or add warm-up (config.warmup_epochs) and run again with a new '
+        '--workdir, or resume this one after changing the config.')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns the results."""
+  start_time = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  dataset = input_pipeline.load_dataset(config)
+  if config.early_stopping_patience > 0 and dataset.validation is None:
+    raise ValueError('config.early_stopping_patience > 0 needs a validation split: set '
+                     'config.validation_fraction (e.g. 0.1).')
+  steps_per_epoch = input_pipeline.steps_per_epoch(dataset, config.batch_size)
+  if config.num_train_steps > 0:
+    total_steps = config.num_train_steps
+  else:
+    total_steps = int(config.num_epochs) * steps_per_epoch
+  num_epochs = math.ceil(total_steps / steps_per_epoch)
+
+  model = create_model(config.model, dataset.num_classes)
+  learning_rate_fn = create_learning_rate_fn(config, steps_per_epoch, total_steps)
+  tx = create_optimizer(config, learning_rate_fn)
+  runtime = create_runtime(config, learning_rate_fn)
+  latest = checkpoints.create_manager(workdir, checkpoints.LATEST, config.checkpoints_to_keep)
+  best = checkpoints.create_manager(workdir, checkpoints.BEST, 1)
+
+  model_config = config.model.to_dict()
+  meta = checkpoints.restore_meta(latest)
+  if meta is not None:
+    differences = checkpoints.config_differences(meta['model'], model_config)
+    if meta.get('dataset') != config.dataset:
+      differences.append(f'dataset: checkpoint has {meta.get("dataset")!r}, config has '
+                         f'{config.dataset!r}')
+    if differences:
+      raise ValueError(
+          f'{workdir} holds a checkpoint of a different model, so it cannot be resumed with '
+          f'this config: {"; ".join(differences)}. Use a new --workdir, or the same config.')
+
+  state = create_train_state(config, model, dataset.train.images.shape[1:], tx, runtime)
+  if meta is not None:
+    state = checkpoints.restore_state(latest, state)
+    logging.info('Resumed from %s at step %d.', latest.directory, meta['step'])
+  else:
+    meta = {'model': model_config, 'dataset': config.dataset, 'step': 0, 'epoch': 0,
+            'best_accuracy': None, 'best_epoch': None, 'best_step': None, 'bad_epochs': 0,
+            'stopped_early': False}
+  if is_chief:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json(indent=2))
+
+  log = MetricsLog(workdir)
+  step = int(jax.device_get(state.step))
+  last_saved = latest.latest_step()
+  try:
+    while step < total_steps and not meta['stopped_early']:
+      epoch = step // steps_per_epoch
+      first_index = step % steps_per_epoch
+      last_index = min(steps_per_epoch, first_index + total_steps - step)
+      batches = input_pipeline.train_batches(dataset, config.batch_size, config.seed, epoch,
+                                             config.augment, start_index=first_index)
+      history = []
+      epoch_history = []
+      progress = _progress(config, epoch, num_epochs, first_index, last_index)
+      for index in range(first_index, last_index):
+        batch = next(batches)
+        state, metrics = runtime.train_step(state, runtime.put_batch(batch))
+        history.append(metrics)
+        step += 1
+        progress.update(1)
+        at_log = step % config.log_every_steps == 0 or index + 1 == last_index
+        # The last step is saved too, so a run that ends mid-epoch can be continued from it.
+        at_save = step % config.checkpoint_every_steps == 0 or step == total_steps
+        if at_log or at_save:
+          summary = _mean_metrics(history)
+          _check_finite(summary, step, workdir, last_saved)
+          epoch_history.extend(history)
+          history = []
+          log.write(step, 'train', summary, epoch=epoch + 1)
+          progress.set_postfix(loss=f'{summary["loss"]:.4f}', acc=f'{summary["accuracy"]:.4f}')
+        if at_save and index + 1 < steps_per_epoch:
+          checkpoints.save(latest, step, state, {**meta, 'step': step, 'epoch': epoch})
+          last_saved = step
+      progress.close()
+      batches.close()
+      if last_index < steps_per_epoch:
+        break  # num_train_steps ended mid-epoch.
+      train_summary = _mean_metrics(epoch_history) if epoch_history else {}
+      meta = _end_of_epoch(config, runtime, state, dataset, best, meta, log, step, epoch)
+      checkpoints.save(latest, step, state, {**meta, 'step': step, 'epoch': epoch + 1})
+      last_saved = step
+      _log_epoch_line(epoch, num_epochs, train_summary, meta, time.time() - start_time)
+  finally:
+    log.close()
+    latest.wait_until_finished()
+    best.wait_until_finished()
+
+  # The final test evaluation uses the best-on-validation state when there is one.
+  evaluated_state, evaluated_step = state, step
+  if dataset.validation is not None and best.latest_step() is not None:
+    evaluated_step = best.latest_step()
+    evaluated_state = checkpoints.restore_state(best, state, evaluated_step)
+  test = evaluate(runtime, evaluated_state, dataset.test, dataset, config.eval_batch_size)
+  results = {
+      'dataset': config.dataset,
+      'test_accuracy': test['accuracy'],
+      'test_top5_accuracy': test['top5_accuracy'],
+      'test_loss': test['loss'],
+      'best_epoch': meta['best_epoch'] if dataset.validation is not None else step // steps_per_epoch,
+      'evaluated_step': evaluated_step,
+      'steps': step,
+      'stopped_early': meta['stopped_early'],
+      'wall_time_s': time.time() - start_time,
+      'num_params': int(sum(x.size for x in jax.tree.leaves(state.params))),
+  }
+  if is_chief:
+    with open(os.path.join(workdir, 'results.json'), 'w') as f:
+      json.dump(results, f, indent=2)
+  logging.info('Results: %s', results)
+  return results
+
+
+def _progress(config, epoch, num_epochs, first_index, last_index):
+  import tqdm  # Loaded only by the training loop.
+  return tqdm.tqdm(total=last_index - first_index, desc=f'epoch {epoch + 1}/{num_epochs}',
+                   leave=False, dynamic_ncols=True,
+                   disable=not config.progress_bar or jax.process_index() != 0)
+
+
+def _end_of_epoch(config, runtime, state, dataset, best_manager, meta, log, step, epoch):
+  """Validation, best checkpoint and early stopping; returns the updated metadata."""
+  meta = dict(meta)
+  if dataset.validation is None:
+    return meta
+  validation = evaluate(runtime, state, dataset.validation, dataset, config.eval_batch_size)
+  log.write(step, 'validation', validation, epoch=epoch + 1)
+  meta['last_validation'] = validation
+  improved = (meta['best_accuracy'] is None or
+              validation['accuracy'] > meta['best_accuracy'] + config.early_stopping_min_delta)
+  if improved:
+    meta.update(best_accuracy=validation['accuracy'], best_epoch=epoch + 1, best_step=step,
+                bad_epochs=0)
+    checkpoints.save(best_manager, step, state, {**meta, 'step': step, 'epoch': epoch + 1})
+  else:
+    meta['bad_epochs'] += 1
+    if 0 < config.early_stopping_patience <= meta['bad_epochs']:
+      meta['stopped_early'] = True
+  return meta
+
+
+def _log_epoch_line(epoch, num_epochs, train, meta, elapsed):
+  parts = [f'epoch {epoch + 1}/{num_epochs}']
+  if train:
+    parts.append(f'train loss {train["loss"]:.4f} acc {train["accuracy"]:.4f} '
+                 f'lr {train["learning_rate"]:.4g}')
+  if 'last_validation' in meta:
+    v = meta['last_validation']
+    parts.append(f'val loss {v["loss"]:.4f} acc {v["accuracy"]:.4f} '
+                 f'(best {meta["best_accuracy"]:.4f} @ {meta["best_epoch"]})')
+  if meta['stopped_early']:
+    parts.append(f'early stop after {meta["bad_epochs"]} epochs without improvement')
+  parts.append(f'{elapsed:.0f}s')
+  if jax.process_index() == 0:
+    print(' | '.join(parts), flush=True)
