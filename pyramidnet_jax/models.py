@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pyramidnet_jax.conv import Conv
 
@@ -299,6 +301,42 @@ class PyramidNet(nn.Module):
                       kernel_init=_torch_linear_init(fan_in), bias_init=_torch_linear_init(fan_in),
                       name='fc')(pooled)
     return logits.astype(jnp.float32)
+
+
+def init_variables(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
+  """Variables with model.init's structure and distributions, drawn on the host in seconds.
+
+  `jax.jit(model.init)` compiles the whole network plus one RNG kernel per parameter: 11 minutes
+  for ImageNet 200 a300 on a 2-core CPU. Here the structure comes from jax.eval_shape (tracing
+  only) and each leaf is drawn with numpy from a stream keyed on (key, its path), with the same
+  law as the module's initialiser: He fan-out normal conv kernels, BN scale 1 / bias 0, running
+  mean 0 / var 1, PyTorch's uniform(+-1/sqrt(fan_in)) for the classifier.
+  """
+  x = jax.ShapeDtypeStruct((1, *input_shape[-3:]), jnp.float32)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), key, x)
+  seed = np.asarray(jax.random.key_data(key), np.uint32).ravel().tolist()
+
+  def draw(path, leaf):
+    names = [str(getattr(p, 'key', p)) for p in path]
+    collection, module, name = names[0], names[-2], names[-1]
+    shape, dtype = leaf.shape, leaf.dtype
+    if collection == 'batch_stats':
+      value = np.zeros(shape) if name == 'mean' else np.ones(shape)
+    elif module.startswith('bn'):
+      value = np.ones(shape) if name == 'scale' else np.zeros(shape)
+    else:
+      rng = np.random.default_rng([*seed, zlib.crc32('/'.join(names).encode())])
+      if name == 'kernel' and len(shape) == 4:  # Conv, HWIO.
+        value = rng.standard_normal(shape, np.float32) * math.sqrt(
+            2.0 / (shape[0] * shape[1] * shape[3]))
+      elif module == 'fc':
+        bound = 1.0 / math.sqrt(shapes['params']['fc']['kernel'].shape[0])
+        value = rng.uniform(-bound, bound, shape)
+      else:
+        raise ValueError(f'init_variables has no rule for parameter {"/".join(names)}.')
+    return jnp.asarray(value, dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 # The networks of the paper's tables. CIFAR depths >= 164 use bottleneck blocks, as in the paper.

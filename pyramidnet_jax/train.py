@@ -14,10 +14,9 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from absl import logging
-import flax
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -105,8 +104,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, learning_rate_
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  # XLA's CPU backend can drop NaNs in a max inside a reduction (the ReLU before the pooling), so
+  # a NaN state may still give a finite loss: report the loss as NaN whenever the new state isn't
+  # finite, so that the loop's NaN check stops the run before such a state is saved.
+  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in
+                              jax.tree.leaves((new_state.params, new_state.batch_stats))]))
   metrics = {
-      'loss': loss,
+      'loss': jnp.where(finite, loss, jnp.nan),
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
       'learning_rate': learning_rate_fn(state.step),
   }
@@ -139,8 +143,12 @@ class Runtime:
   train_step: Callable[..., Any]
   eval_step: Callable[..., Any]
 
-  def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    # Each process passes its own slice of the global batch.
+  def put_batch(self, batch: dict[str, np.ndarray], is_global: bool = False) -> dict[str, jax.Array]:
+    """A sharded global batch from this process's slice (or from the whole batch if is_global)."""
+    if is_global and jax.process_count() > 1:
+      # In-memory datasets build the global batch on every process (cheap); keep our part.
+      index, count = jax.process_index(), jax.process_count()
+      batch = jax.tree.map(lambda x: np.split(x, count)[index], batch)
     return jax.tree.map(
         lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
 
@@ -166,17 +174,10 @@ def create_runtime(config: ml_collections.ConfigDict, learning_rate_fn: optax.Sc
                         out_shardings=replicated))
 
 
-def init_variables(model: models.PyramidNet, key: jax.Array,
-                   image_shape: tuple[int, ...]) -> dict[str, Any]:
-  """Model variables. Parameter shapes don't depend on the image size, so init on a tiny image."""
-  tiny = (1, 8, 8, image_shape[-1])
-  return jax.jit(functools.partial(model.init, train=False))(key, jnp.zeros(tiny, model.dtype))
-
-
 def create_train_state(config: ml_collections.ConfigDict, model: models.PyramidNet,
                        image_shape: tuple[int, ...], tx: optax.GradientTransformation,
                        runtime: Runtime) -> TrainState:
-  variables = init_variables(model, jax.random.key(config.seed), image_shape)
+  variables = models.init_variables(model, jax.random.key(config.seed), image_shape)
   state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                             batch_stats=variables['batch_stats'])
   return jax.device_put(state, runtime.replicated)
@@ -185,8 +186,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.PyramidN
 def evaluate(runtime: Runtime, state: TrainState, split: input_pipeline.Split,
              dataset: input_pipeline.Dataset, batch_size: int) -> dict[str, float]:
   totals = None
+  is_global = isinstance(split, input_pipeline.Split)
   for batch in input_pipeline.eval_batches(split, batch_size, dataset.mean, dataset.std):
-    sums = runtime.eval_step(state, runtime.put_batch(batch))
+    sums = runtime.eval_step(state, runtime.put_batch(batch, is_global))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
@@ -238,7 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_time = time.time()
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
-  dataset = input_pipeline.load_dataset(config)
+  dataset = input_pipeline.load_dataset(config, jax.process_index(), jax.process_count())
+  in_memory = isinstance(dataset.train, input_pipeline.Split)
   if config.early_stopping_patience > 0 and dataset.validation is None:
     raise ValueError('config.early_stopping_patience > 0 needs a validation split: set '
                      'config.validation_fraction (e.g. 0.1).')
@@ -268,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           f'{workdir} holds a checkpoint of a different model, so it cannot be resumed with '
           f'this config: {"; ".join(differences)}. Use a new --workdir, or the same config.')
 
-  state = create_train_state(config, model, dataset.train.images.shape[1:], tx, runtime)
+  state = create_train_state(config, model, dataset.image_shape, tx, runtime)
   if meta is not None:
     state = checkpoints.restore_state(latest, state)
     logging.info('Resumed from %s at step %d.', latest.directory, meta['step'])
@@ -295,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       progress = _progress(config, epoch, num_epochs, first_index, last_index)
       for index in range(first_index, last_index):
         batch = next(batches)
-        state, metrics = runtime.train_step(state, runtime.put_batch(batch))
+        state, metrics = runtime.train_step(state, runtime.put_batch(batch, in_memory))
         history.append(metrics)
         step += 1
         progress.update(1)
@@ -317,6 +320,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if last_index < steps_per_epoch:
         break  # num_train_steps ended mid-epoch.
       train_summary = _mean_metrics(epoch_history) if epoch_history else {}
+      train_summary['learning_rate'] = float(learning_rate_fn(step))  # The LR going forward.
       meta = _end_of_epoch(config, runtime, state, dataset, best, meta, log, step, epoch)
       checkpoints.save(latest, step, state, {**meta, 'step': step, 'epoch': epoch + 1})
       last_saved = step
@@ -381,7 +385,7 @@ def _end_of_epoch(config, runtime, state, dataset, best_manager, meta, log, step
 
 def _log_epoch_line(epoch, num_epochs, train, meta, elapsed):
   parts = [f'epoch {epoch + 1}/{num_epochs}']
-  if train:
+  if 'loss' in train:
     parts.append(f'train loss {train["loss"]:.4f} acc {train["accuracy"]:.4f} '
                  f'lr {train["learning_rate"]:.4g}')
   if 'last_validation' in meta:

@@ -347,9 +347,9 @@ def test_missing_cifar_says_tfds_build(tmp_path):
   assert '--config.data_dir' in str(error.value)
 
 
-def test_imagenet_and_unknown_datasets_raise_clear_errors():
-  with pytest.raises(ValueError, match='does not fit in memory'):
-    ip.load_dataset(make_config(dataset='imagenet2012'))
+def test_imagenet_and_unknown_datasets_raise_clear_errors(tmp_path):
+  with pytest.raises(FileNotFoundError, match='manual download'):
+    ip.load_dataset(make_config(dataset='imagenet2012', data_dir=str(tmp_path)))
   with pytest.raises(ValueError, match='Unknown dataset'):
     ip.load_dataset(make_config(dataset='mnist'))
 
