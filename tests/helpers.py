@@ -1,0 +1,135 @@
+"""Shared helpers for the training-system tests: tiny configs, real-data subsets, checkpoint reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+
+from pyramidnet_jax import input_pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+FASHION_DIR = input_pipeline.FASHION_MNIST_DEFAULT_DIR
+HAVE_FASHION = all(
+    os.path.isfile(os.path.join(FASHION_DIR, f))
+    for pair in input_pipeline.FASHION_MNIST_FILES.values() for f in pair)
+needs_fashion = pytest.mark.skipif(
+    not HAVE_FASHION, reason='needs the real Fashion-MNIST: `apt-get install dataset-fashion-mnist`')
+
+
+def tiny_config(**overrides):
+  """configs/default.py with a tiny network (CIFAR stem, depth 8, alpha 8) on tiny batches.
+
+  The learning rate is constant (no boundaries, no warm-up), so the compiled train step does not
+  depend on the number of steps per epoch and tests with equal shapes share compilations.
+  `overrides` are dotted field names (`model.alpha=12`) or plain ones.
+  """
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  config = default.get_config()
+  config.model.depth = 8
+  config.model.alpha = 8.0
+  config.dataset = 'fashion_mnist'
+  config.batch_size = 16
+  config.eval_batch_size = 32
+  config.num_epochs = 1
+  config.num_train_steps = -1
+  config.learning_rate = 0.1
+  config.lr_boundaries = ()
+  config.warmup_epochs = 0.0
+  config.checkpoint_every_steps = 1000
+  config.log_every_steps = 1
+  config.progress_bar = False
+  config.compilation_cache_dir = ''
+  for name, value in overrides.items():
+    target = config
+    *parents, leaf = name.split('.')
+    for parent in parents:
+      target = target[parent]
+    target[leaf] = value
+  return config
+
+
+@functools.lru_cache(maxsize=1)
+def _fashion_mnist() -> input_pipeline.Dataset:
+  config = types.SimpleNamespace(dataset='fashion_mnist', data_dir='', validation_fraction=0.0,
+                                 validation_seed=0, augment=True)
+  return input_pipeline.load_dataset(config)
+
+
+def fashion_subset(num_train: int, num_test: int) -> input_pipeline.Dataset:
+  """The first `num_train` training and `num_test` test images of the real Fashion-MNIST."""
+  if not HAVE_FASHION:
+    pytest.skip('needs the real Fashion-MNIST: `apt-get install dataset-fashion-mnist`')
+  full = _fashion_mnist()
+  return dataclasses.replace(
+      full,
+      train=input_pipeline.Split(full.train.images[:num_train], full.train.labels[:num_train]),
+      test=input_pipeline.Split(full.test.images[:num_test], full.test.labels[:num_test]))
+
+
+def serve_subset(monkeypatch, num_train: int, num_test: int) -> input_pipeline.Dataset:
+  """Makes the Fashion-MNIST reader return a real subset; the rest of load_dataset (validation
+  hold-out, config.augment) runs unchanged."""
+  subset = fashion_subset(num_train, num_test)
+  monkeypatch.setattr(input_pipeline, '_load_fashion_mnist', lambda data_dir: subset)
+  return subset
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def read_results(workdir: str) -> dict:
+  with open(os.path.join(workdir, 'results.json')) as f:
+    return json.load(f)
+
+
+def checkpoint_steps(workdir: str, kind: str = 'checkpoints') -> list[int]:
+  directory = os.path.join(workdir, kind)
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def read_checkpoint(workdir: str, kind: str = 'checkpoints', step: int | None = None):
+  """(step, state as a tree of numpy arrays, meta) of a saved checkpoint, read without a target."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  steps = checkpoint_steps(workdir, kind)
+  assert steps, f'no checkpoint in {workdir}/{kind}'
+  step = steps[-1] if step is None else step
+  with ocp.CheckpointManager(os.path.join(workdir, kind), item_names=('state', 'meta')) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  state = _to_numpy(restored['state'])
+  return step, state, restored['meta']
+
+
+def _to_numpy(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(np.asarray, tree)
+
+
+def flat_leaves(tree) -> dict[str, np.ndarray]:
+  """{'params/layer1_0/bn1/scale': array, ...} for any pytree (dicts, tuples, dataclasses)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): np.asarray(leaf)
+          for path, leaf in flat}
+
+
+def assert_trees_equal(a, b, what: str = 'tree') -> None:
+  """Same paths, and bit-identical arrays at every leaf."""
+  left, right = flat_leaves(a), flat_leaves(b)
+  assert sorted(left) == sorted(right), f'{what}: different structure'
+  assert left, f'{what}: empty'
+  different = [k for k in left if not np.array_equal(left[k], right[k], equal_nan=True)]
+  assert not different, f'{what}: leaves differ: {different[:10]}'

@@ -1,0 +1,432 @@
+"""Tests of pyramidnet_jax.train and checkpoints: the training loop end to end on tiny networks.
+
+Every network here is PyramidNet-8 (CIFAR stem, one basic block per stage) with alpha 8, trained on
+a few hundred real Fashion-MNIST images (or mocked TFDS CIFAR), so a test takes seconds once its
+step is compiled. The tests that call train_and_evaluate share one configuration and batch shape,
+and a module-wide persistent XLA cache (see `compilation_cache`), so most of them compile nothing.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pyramidnet_jax import input_pipeline
+from pyramidnet_jax import train
+from tests import helpers
+from tests.helpers import needs_fashion
+
+RESULT_KEYS = {'dataset', 'test_accuracy', 'test_top5_accuracy', 'test_loss', 'best_epoch',
+               'evaluated_step', 'steps', 'stopped_early', 'wall_time_s', 'num_params'}
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A persistent XLA cache for this module only (one per xdist worker), restored afterwards.
+
+  XLA's CPU compiler takes ~1.5 s per random-number op, so initialising even PyramidNet-8 compiles
+  for ~10 s, and every train_and_evaluate call builds fresh jitted functions. With the cache, the
+  second and later runs of the same configuration load their executables instead (measured:
+  ~20 s -> ~5 s per run). Results are unaffected: a cached executable is the compiled program.
+  """
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes')
+  saved = {name: getattr(jax.config, name) for name in names}
+  cc.reset_cache()
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  yield
+  for name, value in saved.items():
+    jax.config.update(name, value)
+  cc.reset_cache()
+
+
+def train_lines(workdir):
+  return [m for m in helpers.read_metrics(workdir) if m['split'] == 'train']
+
+
+# --- 1. One real step through each TFDS pipeline -----------------------------------------------
+
+
+@pytest.mark.parametrize('name, num_classes', [('cifar10', 10), ('cifar100', 100)])
+def test_train_and_evaluate_on_mocked_tfds_cifar(name, num_classes, tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  config = helpers.tiny_config(dataset=name, data_dir=str(tmp_path / 'tfds'), num_train_steps=2)
+  workdir = str(tmp_path / 'run')
+  with tfds.testing.mock_data(num_examples=32):  # 32 train images: one epoch of 2 steps of 16.
+    results = train.train_and_evaluate(config, workdir)
+
+  assert results == helpers.read_results(workdir)
+  assert set(results) == RESULT_KEYS
+  assert results['dataset'] == name
+  assert results['steps'] == 2 and results['evaluated_step'] == 2
+  assert results['stopped_early'] is False
+  assert 0.0 <= results['test_accuracy'] <= results['test_top5_accuracy'] <= 1.0
+  assert math.isfinite(results['test_loss']) and results['test_loss'] > 0
+  model = train.create_model(config.model, num_classes)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  assert results['num_params'] == sum(x.size for x in jax.tree.leaves(shapes))
+  lines = train_lines(workdir)
+  assert [m['step'] for m in lines] == [1, 2]
+  for line in lines:
+    assert line['epoch'] == 1 and math.isfinite(line['loss']) and 0 <= line['accuracy'] <= 1
+    assert line['learning_rate'] == pytest.approx(0.1)
+  assert helpers.checkpoint_steps(workdir) == [2]
+  _, state, meta = helpers.read_checkpoint(workdir)
+  assert int(state['step']) == 2 and meta['step'] == 2 and meta['epoch'] == 1
+  assert state['params']['fc']['kernel'].shape == (model.num_features, num_classes)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert json.load(f)['dataset'] == name
+
+
+def test_imagenet_without_its_files_is_refused_not_faked(tmp_path):
+  pytest.importorskip('tensorflow_datasets')
+  config = helpers.tiny_config(dataset='imagenet2012', data_dir=str(tmp_path / 'empty'),
+                               num_train_steps=1)
+  workdir = tmp_path / 'run'
+  # Either the pipeline's "not implemented" ValueError, or (once ImageNet is streamed) the
+  # missing-data error that says how to prepare it; never a run on made-up data.
+  with pytest.raises((ValueError, FileNotFoundError), match='imagenet2012') as error:
+    train.train_and_evaluate(config, str(workdir))
+  if isinstance(error.value, FileNotFoundError):
+    assert 'tfds build imagenet2012' in str(error.value)
+  else:
+    assert 'not implemented' in str(error.value)
+  assert not (workdir / 'results.json').exists()
+  assert not helpers.checkpoint_steps(str(workdir))
+
+
+# --- 2. Learning on real data ------------------------------------------------------------------
+
+
+@needs_fashion
+def test_loss_falls_on_real_fashion_mnist():
+  dataset = helpers.fashion_subset(512, 0)
+  config = helpers.tiny_config(batch_size=32, learning_rate=0.1)
+  steps_per_epoch = input_pipeline.steps_per_epoch(dataset, config.batch_size)
+  assert steps_per_epoch == 16
+  total_steps = 40  # 2.5 epochs.
+  model = train.create_model(config.model, dataset.num_classes)
+  lr_fn = train.create_learning_rate_fn(config, steps_per_epoch, total_steps)
+  runtime = train.create_runtime(config, lr_fn)
+  state = train.create_train_state(config, model, dataset.train.images.shape[1:],
+                                   train.create_optimizer(config, lr_fn), runtime)
+  losses = []
+  for step in range(total_steps):
+    epoch, index = divmod(step, steps_per_epoch)
+    batch = input_pipeline.train_batch(dataset, config.batch_size, config.seed, epoch, index,
+                                       augment=True)
+    state, metrics = runtime.train_step(state, runtime.put_batch(batch))
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == total_steps
+  assert all(math.isfinite(x) for x in losses)
+  first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+  assert first > 1.8  # Ten classes from a random start: about ln(10) = 2.30.
+  assert last < 0.8 * first, losses
+
+
+# --- 3. Resuming is bit-exact ------------------------------------------------------------------
+
+
+@needs_fashion
+def test_resumed_runs_equal_the_uninterrupted_run(tmp_path, monkeypatch):
+  helpers.serve_subset(monkeypatch, num_train=132, num_test=64)
+  config = helpers.tiny_config(validation_fraction=0.25, checkpoint_every_steps=3,
+                               checkpoints_to_keep=10)
+  steps_per_epoch = input_pipeline.steps_per_epoch(input_pipeline.load_dataset(config),
+                                                   config.batch_size)
+  assert steps_per_epoch == 6  # 98 of the 132 images after the hold-out.
+  total = 2 * steps_per_epoch
+
+  def run(workdir, *stops):
+    for steps in stops:
+      config.num_train_steps = steps
+      results = train.train_and_evaluate(config, str(tmp_path / workdir))
+      assert results['steps'] == steps
+    return results
+
+  straight = run('straight', total)
+  # Stopped at the epoch boundary (step 6), and mid-epoch at step 8, a step with no periodic
+  # checkpoint (those are every 3 steps): the run still leaves its final state on disk.
+  stopped = {'boundary': run('boundary', steps_per_epoch, total),
+             'mid_epoch': run('mid_epoch', steps_per_epoch + 2, total)}
+
+  straight_dir = str(tmp_path / 'straight')
+  step, straight_state, straight_meta = helpers.read_checkpoint(straight_dir)
+  assert step == total and straight_meta['step'] == total and straight_meta['epoch'] == 2
+  assert 'last_validation' in straight_meta and straight_meta['best_epoch'] in (1, 2)
+  best_steps = helpers.checkpoint_steps(straight_dir, 'best')
+  assert best_steps[-1] == straight_meta['best_step']
+  _, straight_best, _ = helpers.read_checkpoint(straight_dir, 'best')
+  del straight['wall_time_s']
+  straight_lines = helpers.read_metrics(straight_dir)
+  assert [m['step'] for m in straight_lines if m['split'] == 'train'] == list(range(1, total + 1))
+  assert [m['step'] for m in straight_lines if m['split'] == 'validation'] == [6, 12]
+
+  for name, results in stopped.items():
+    workdir = str(tmp_path / name)
+    # The second call resumed where the first stopped: every step was trained (and logged)
+    # exactly once, with the same loss as in the uninterrupted run.
+    assert helpers.read_metrics(workdir) == straight_lines, name
+    step, state, meta = helpers.read_checkpoint(workdir)
+    assert step == total
+    helpers.assert_trees_equal(state['params'], straight_state['params'], f'{name} params')
+    helpers.assert_trees_equal(state['batch_stats'], straight_state['batch_stats'],
+                               f'{name} batch_stats')
+    helpers.assert_trees_equal(state['opt_state'], straight_state['opt_state'],
+                               f'{name} opt_state')
+    helpers.assert_trees_equal(state, straight_state, f'{name} state')
+    assert meta == straight_meta
+    assert helpers.checkpoint_steps(workdir, 'best') == best_steps
+    helpers.assert_trees_equal(helpers.read_checkpoint(workdir, 'best')[1], straight_best,
+                               f'{name} best state')
+    del results['wall_time_s']
+    assert results == straight, name
+  # The interrupted runs saved their stopping step.
+  assert steps_per_epoch + 2 in helpers.checkpoint_steps(str(tmp_path / 'mid_epoch'))
+
+
+# --- 5. Schedules, weight decay, label smoothing, early stopping -------------------------------
+
+
+def schedule_config(**overrides):
+  fields = dict(learning_rate=0.1, lr_schedule='piecewise', lr_boundaries=(150, 225),
+                lr_decay=0.1, warmup_epochs=0.0)
+  fields.update(overrides)
+  return helpers.tiny_config(**fields)
+
+
+def lr_at(fn, step):
+  return float(fn(step))
+
+
+def test_piecewise_schedule_boundaries():
+  spe = 391
+  fn = train.create_learning_rate_fn(schedule_config(), spe, 300 * spe)
+  assert lr_at(fn, 0) == pytest.approx(0.1, rel=1e-6)
+  assert lr_at(fn, 150 * spe - 1) == pytest.approx(0.1, rel=1e-6)
+  assert lr_at(fn, 150 * spe) == pytest.approx(0.01, rel=1e-6)
+  assert lr_at(fn, 225 * spe - 1) == pytest.approx(0.01, rel=1e-6)
+  assert lr_at(fn, 225 * spe) == pytest.approx(0.001, rel=1e-6)
+  assert lr_at(fn, 300 * spe - 1) == pytest.approx(0.001, rel=1e-6)
+
+
+def test_warmup_is_linear_from_zero_and_keeps_the_boundaries():
+  spe = 391
+  fn = train.create_learning_rate_fn(schedule_config(warmup_epochs=5), spe, 300 * spe)
+  warmup = 5 * spe
+  assert lr_at(fn, 0) == 0.0
+  for step in (1, warmup // 3, warmup // 2, warmup - 1):
+    assert lr_at(fn, step) == pytest.approx(0.1 * step / warmup, rel=1e-4)
+  assert lr_at(fn, warmup) == pytest.approx(0.1, rel=1e-6)
+  # Boundaries count epochs from the very start, warm-up included.
+  assert lr_at(fn, 150 * spe - 1) == pytest.approx(0.1, rel=1e-6)
+  assert lr_at(fn, 150 * spe) == pytest.approx(0.01, rel=1e-6)
+  assert lr_at(fn, 225 * spe) == pytest.approx(0.001, rel=1e-6)
+
+
+@pytest.mark.parametrize('warmup_epochs', [0.0, 2.0])
+def test_cosine_schedule_ends_near_zero(warmup_epochs):
+  spe, epochs = 100, 20
+  total = spe * epochs
+  fn = train.create_learning_rate_fn(schedule_config(lr_schedule='cosine',
+                                                     warmup_epochs=warmup_epochs), spe, total)
+  warmup = int(warmup_epochs * spe)
+  assert lr_at(fn, warmup) == pytest.approx(0.1, rel=1e-6)
+  middle = warmup + (total - warmup) // 2
+  assert lr_at(fn, middle) == pytest.approx(0.05, rel=1e-4)
+  assert lr_at(fn, total - 1) < 1e-5
+  assert lr_at(fn, total) == pytest.approx(0.0, abs=1e-9)
+  values = [lr_at(fn, s) for s in range(warmup, total + 1, 50)]
+  assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_unknown_schedule_is_an_error():
+  with pytest.raises(ValueError, match='lr_schedule'):
+    train.create_learning_rate_fn(schedule_config(lr_schedule='step'), 10, 100)
+
+
+def model_params(config, num_classes=10):
+  """Parameters with the model's tree and shapes, PyTorch-like values, without compiling init."""
+  model = train.create_model(config.model, num_classes)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)))['params']
+  rng = np.random.default_rng(0)
+
+  def value(path, leaf):
+    name = jax.tree_util.keystr(path, simple=True, separator='/')
+    if name.endswith('scale'):
+      return jnp.ones(leaf.shape, leaf.dtype)  # BN's initial gamma.
+    return jnp.asarray(rng.uniform(-0.5, 0.5, leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(value, shapes)
+
+
+@pytest.mark.parametrize('nesterov', [True, False])
+def test_weight_decay_reaches_every_parameter_bn_and_bias_included(nesterov):
+  lr, wd, momentum = 0.5, 0.01, 0.9
+  config = helpers.tiny_config(learning_rate=lr, weight_decay=wd, momentum=momentum,
+                               nesterov=nesterov)
+  params = model_params(config)
+  tx = train.create_optimizer(config, train.create_learning_rate_fn(config, 10, 100))
+  opt_state = tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, opt_state = tx.update(zero, opt_state, params)
+  new = optax.apply_updates(params, updates)
+  # Coupled L2: g = 0 + wd * p, then the first step of momentum SGD. The trace starts at zero, so
+  # its first value is g; Nesterov steps along g + momentum * trace = (1 + momentum) * g
+  # (PyTorch's d_p = g + momentum * buf with buf = g), plain momentum along g.
+  factor = 1.0 - lr * wd * ((1.0 + momentum) if nesterov else 1.0)
+  old_leaves, new_leaves = helpers.flat_leaves(params), helpers.flat_leaves(new)
+  for name, old in old_leaves.items():
+    np.testing.assert_allclose(new_leaves[name], old * np.float32(factor), rtol=1e-6,
+                               err_msg=name)
+  bn_scales = [n for n in old_leaves if n.endswith('/scale')]
+  assert 'bn1/scale' in bn_scales and 'layer1_0/bn1/scale' in bn_scales
+  for name in bn_scales:  # gamma = 1 moves by exactly -lr * wd * (1 + momentum).
+    np.testing.assert_allclose(new_leaves[name], np.float32(factor), rtol=1e-6, err_msg=name)
+  assert not np.array_equal(new_leaves['fc/bias'], old_leaves['fc/bias'])
+  np.testing.assert_allclose(new_leaves['fc/bias'], old_leaves['fc/bias'] * np.float32(factor),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1, 0.3])
+def test_cross_entropy_with_label_smoothing_matches_the_formula(smoothing):
+  rng = np.random.default_rng(1)
+  num_classes = 7
+  logits = rng.normal(0, 3, (5, num_classes)).astype(np.float32)
+  labels = rng.integers(0, num_classes, 5).astype(np.int32)
+  got = np.asarray(train.cross_entropy_loss(jnp.asarray(logits), jnp.asarray(labels),
+                                            num_classes, smoothing))
+  z = logits.astype(np.float64)
+  log_softmax = z - z.max(-1, keepdims=True)
+  log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+  targets = (1 - smoothing) * np.eye(num_classes)[labels] + smoothing / num_classes
+  expected = -(targets * log_softmax).sum(-1)
+  assert got.shape == (5,)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  if smoothing == 0.0:
+    np.testing.assert_allclose(got, -log_softmax[np.arange(5), labels], rtol=1e-5)
+
+
+@needs_fashion
+def test_early_stopping_after_patience_epochs(tmp_path, monkeypatch):
+  helpers.serve_subset(monkeypatch, num_train=132, num_test=64)
+  patience = 2
+  # No later epoch can beat epoch 1 by the minimum gain of 1.0 (accuracy is at most 1), so
+  # validation accuracy never improves after epoch 1, whatever the weights and BN statistics do.
+  config = helpers.tiny_config(validation_fraction=0.25, num_epochs=10,
+                               early_stopping_patience=patience, early_stopping_min_delta=1.0)
+  workdir = str(tmp_path)
+  results = train.train_and_evaluate(config, workdir)
+  spe = 6
+  assert results['stopped_early'] is True
+  assert results['steps'] == (1 + patience) * spe
+  assert results['best_epoch'] == 1
+  assert results['evaluated_step'] == spe  # The test score is the best (epoch-1) state's.
+  assert helpers.read_results(workdir) == results
+  assert helpers.checkpoint_steps(workdir, 'best') == [spe]
+  assert helpers.checkpoint_steps(workdir)[-1] == (1 + patience) * spe
+  _, _, meta = helpers.read_checkpoint(workdir)
+  assert meta['stopped_early'] is True and meta['bad_epochs'] == patience
+  assert meta['best_epoch'] == 1 and meta['best_step'] == spe
+  validation = [m for m in helpers.read_metrics(workdir) if m['split'] == 'validation']
+  assert [m['epoch'] for m in validation] == [1, 2, 3]
+  assert validation[0]['accuracy'] == meta['best_accuracy']
+
+  # Running it again trains nothing more and reports the same.
+  lines = helpers.read_metrics(workdir)
+  again = train.train_and_evaluate(config, workdir)
+  assert helpers.read_metrics(workdir) == lines
+  for key in RESULT_KEYS - {'wall_time_s'}:
+    assert again[key] == results[key], key
+
+
+def test_early_stopping_needs_a_validation_split(tmp_path, monkeypatch):
+  helpers.serve_subset(monkeypatch, num_train=64, num_test=32)
+  config = helpers.tiny_config(early_stopping_patience=2)
+  with pytest.raises(ValueError, match='validation_fraction'):
+    train.train_and_evaluate(config, str(tmp_path))
+
+
+# --- 6. Safety -------------------------------------------------------------------------------
+
+
+@needs_fashion
+def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
+  helpers.serve_subset(monkeypatch, num_train=96, num_test=32)  # 6 steps per epoch.
+  config = helpers.tiny_config(num_epochs=3, checkpoint_every_steps=4)
+  real_batch = input_pipeline.train_batch
+
+  def poisoned(dataset, batch_size, seed, epoch, index, augment):
+    batch = real_batch(dataset, batch_size, seed, epoch, index, augment)
+    if (epoch, index) == (1, 3):  # Step 10.
+      batch['image'][0, 0, 0, 0] = np.nan
+    return batch
+
+  monkeypatch.setattr(input_pipeline, 'train_batch', poisoned)
+  workdir = str(tmp_path)
+  with pytest.raises(FloatingPointError) as error:
+    train.train_and_evaluate(config, workdir)
+  message = str(error.value)
+  assert 'step 10' in message and 'checkpoint (step 8)' in message and workdir in message
+  assert 'learning_rate' in message
+  assert helpers.checkpoint_steps(workdir) == [6, 8]
+  _, state, meta = helpers.read_checkpoint(workdir)
+  assert meta['step'] == 8 and int(state['step']) == 8
+  for name, leaf in helpers.flat_leaves(state).items():
+    assert np.all(np.isfinite(leaf)), name
+  assert not os.path.exists(os.path.join(workdir, 'results.json'))
+  assert all(math.isfinite(m['loss']) for m in train_lines(workdir) if m['step'] < 10)
+
+
+@needs_fashion
+def test_resuming_with_a_different_model_is_refused(tmp_path, monkeypatch):
+  helpers.serve_subset(monkeypatch, num_train=96, num_test=32)
+  workdir = str(tmp_path)
+  config = helpers.tiny_config(num_train_steps=2, checkpoint_every_steps=1)
+  train.train_and_evaluate(config, workdir)
+  assert helpers.checkpoint_steps(workdir)[-1] == 2
+  lines = helpers.read_metrics(workdir)
+
+  config.model.alpha = 12.0
+  config.num_train_steps = 4
+  with pytest.raises(ValueError, match=r'model\.alpha|alpha') as error:
+    train.train_and_evaluate(config, workdir)
+  assert 'alpha' in str(error.value) and '8' in str(error.value) and '12' in str(error.value)
+  assert helpers.read_metrics(workdir) == lines  # Nothing was trained.
+  assert helpers.checkpoint_steps(workdir)[-1] == 2
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
+  config = helpers.tiny_config(data_dir=str(tmp_path / 'empty'), num_train_steps=1)
+  with pytest.raises(FileNotFoundError, match='apt-get install dataset-fashion-mnist') as error:
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert '--config.data_dir' in str(error.value)
+
+
+def test_missing_tfds_dataset_says_tfds_build(tmp_path):
+  pytest.importorskip('tensorflow_datasets')
+  config = helpers.tiny_config(dataset='cifar100', data_dir=str(tmp_path / 'empty'),
+                               num_train_steps=1)
+  with pytest.raises(FileNotFoundError, match='tfds build cifar100'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+def test_unknown_config_field_is_an_error_before_training(tmp_path):
+  workdir = tmp_path / 'run'
+  process = subprocess.run(
+      [sys.executable, '-m', 'pyramidnet_jax.main', '--config=configs/fashion_mnist_demo.py',
+       f'--workdir={workdir}', '--config.no_such_field=1'],
+      cwd=helpers.ROOT, capture_output=True, text=True, timeout=300)
+  assert process.returncode != 0
+  assert 'no_such_field' in process.stderr
+  assert not workdir.exists()  # Failed before train_and_evaluate made the workdir.
