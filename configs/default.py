@@ -27,12 +27,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = 'cifar10'  # 'cifar10' | 'cifar100' | 'imagenet2012' | 'fashion_mnist'
   config.data_dir = ''  # '' = the TFDS default, or /usr/share/datasets/fashion-mnist.
   config.augment = True  # Dataset's training augmentation (CIFAR: pad 4, crop, flip).
-  config.validation_fraction = 0.0  # Stratified hold-out from the training split.
+  config.validation_fraction = 0.0  # Hold-out from the training split (stratified in memory).
   config.validation_seed = 0
 
   # Optimisation: SGD, Nesterov, coupled L2 weight decay on all parameters.
   config.batch_size = 128  # Global, across all devices and hosts.
-  config.eval_batch_size = 500
+  config.eval_batch_size = 400  # Divisible by 1, 2, 4, 8, 16 devices.
   config.num_epochs = 300
   config.num_train_steps = -1  # When > 0, overrides num_epochs.
   config.learning_rate = 0.1

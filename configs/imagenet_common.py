@@ -18,9 +18,10 @@ no solver) states it. So no config claims it; to try it add
 Batch 128 at LR 0.05 is kept rather than 256 at a linearly scaled 0.1: it is the confirmed recipe
 verbatim (same steps and LR per example), linear scaling would be an untested change for these
 networks, and 128 fits one 80 GB GPU. Our BatchNorm statistics are over all 128 examples, not over
-16 per GPU as in the authors' 8-GPU run. Augmentation (RandomResizedCrop 224 + flip in PyTorch;
-plus colour jitter and PCA lighting in Torch) belongs to the input pipeline, which does not serve
-imagenet2012 yet: these configs fail with that error until a streaming pipeline exists.
+16 per GPU as in the authors' 8-GPU run. Augmentation is the PyTorch code's: RandomResizedCrop
+224 + flip for training, resize 256 + centre crop 224 for evaluation (the Torch code's colour
+jitter and PCA lighting are not in the pipeline yet). The data must be prepared by hand first
+(`tfds build imagenet2012` after the manual download); the error says how when it is missing.
 
 Wall-time estimates are rough, not measured: training FLOPs = 6 x forward MACs x 1,281,167 images
 x 100 epochs, at an assumed sustained 40 TFLOP/s on one H100 in float32 (as for CIFAR, see

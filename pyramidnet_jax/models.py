@@ -140,6 +140,15 @@ def shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array:
   return x
 
 
+def _conv_and_norm(module: nn.Module, train: bool):
+  """The bias-free He-initialised conv and the BatchNorm every layer of a PyramidNet uses."""
+  conv = functools.partial(Conv, kernel_init=conv_init, dtype=module.dtype,
+                           param_dtype=module.param_dtype)
+  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
+                           epsilon=BN_EPSILON, dtype=module.dtype, param_dtype=module.param_dtype)
+  return conv, norm
+
+
 class BasicBlock(nn.Module):
   """BN -> conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, plus the shortcut; no final ReLU."""
   width: int
@@ -153,10 +162,7 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(Conv, kernel_init=conv_init, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv, norm = _conv_and_norm(self, train)
     y = norm(name='bn1')(x)
     y = conv(self.width, 3, self.stride, _pad(3), name='conv1')(y)
     y = nn.relu(norm(name='bn2')(y))
@@ -178,10 +184,7 @@ class BottleneckBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    conv = functools.partial(Conv, kernel_init=conv_init, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv, norm = _conv_and_norm(self, train)
     y = norm(name='bn1')(x)
     y = conv(self.width, 1, name='conv1')(y)
     y = nn.relu(norm(name='bn2')(y))
@@ -268,10 +271,7 @@ class PyramidNet(nn.Module):
     """Float32 logits (batch, num_classes), or the `features` dict if return_features."""
     self._validate(x)
     widths = self.widths
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
-    conv = functools.partial(Conv, kernel_init=conv_init, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+    conv, norm = _conv_and_norm(self, train)
     out = {}
     x = x.astype(self.dtype)
     if self.stem == 'cifar':
