@@ -7,6 +7,7 @@ resumes from the latest checkpoint in --workdir.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -29,16 +30,30 @@ def enable_compilation_cache(cache_dir: str) -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a one-line error for an unknown or ill-typed config field."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError) as e:
+    overrides = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
+    sys.exit(f'error: bad config override ({overrides}): {e}. The fields and their types are '
+             'in configs/default.py.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
   enable_compilation_cache(FLAGS.config.compilation_cache_dir)
-  results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.create_model(FLAGS.config.model, num_classes=10).widths  # Validate before any work.
+    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    sys.exit(f'error: {e}')
   print(f'test accuracy {results["test_accuracy"]:.4f}  top-5 {results["test_top5_accuracy"]:.4f}  '
         f'loss {results["test_loss"]:.4f}  ({results["steps"]} steps, '
         f'{results["wall_time_s"]:.0f}s); results in {FLAGS.workdir}/results.json')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
