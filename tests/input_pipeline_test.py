@@ -14,12 +14,7 @@ import pytest
 
 from pyramidnet_jax import input_pipeline as ip
 
-FASHION_DIR = ip.FASHION_MNIST_DEFAULT_DIR
-HAVE_FASHION = all(
-    os.path.isfile(os.path.join(FASHION_DIR, f))
-    for pair in ip.FASHION_MNIST_FILES.values() for f in pair)
-needs_fashion = pytest.mark.skipif(
-    not HAVE_FASHION, reason='needs `apt-get install dataset-fashion-mnist`')
+from tests.helpers import FASHION_DIR, HAVE_FASHION, needs_fashion
 
 
 def make_config(**overrides):
