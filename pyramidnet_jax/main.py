@@ -46,7 +46,6 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   try:
-    train.create_model(FLAGS.config.model, num_classes=10).widths  # Validate before any work.
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     sys.exit(f'error: {e}')

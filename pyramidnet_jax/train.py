@@ -220,9 +220,8 @@ class MetricsLog:
       self.jsonl.close()
 
 
-def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
-  stacked = jax.device_get(history)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+def _mean_metrics(history: list[dict[str, Any]]) -> dict[str, float]:
+  return {k: float(np.mean([m[k] for m in history])) for k in history[0]}
 
 
 def _check_finite(metrics: dict[str, float], step: int, workdir: str, last_saved: int | None):
@@ -238,6 +237,7 @@ def _check_finite(metrics: dict[str, float], step: int, workdir: str, last_saved
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns the results."""
   start_time = time.time()
+  create_model(config.model, num_classes=1).widths  # A bad network fails before any work.
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
   dataset = input_pipeline.load_dataset(config, jax.process_index(), jax.process_count())
@@ -306,9 +306,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         # The last step is saved too, so a run that ends mid-epoch can be continued from it.
         at_save = step % config.checkpoint_every_steps == 0 or step == total_steps
         if at_log or at_save:
-          summary = _mean_metrics(history)
+          fetched = jax.device_get(history)  # Each step's metrics cross to the host once.
+          summary = _mean_metrics(fetched)
           _check_finite(summary, step, workdir, last_saved)
-          epoch_history.extend(history)
+          epoch_history.extend(fetched)
           history = []
           log.write(step, 'train', summary, epoch=epoch + 1)
           progress.set_postfix(loss=f'{summary["loss"]:.4f}', acc=f'{summary["accuracy"]:.4f}')
