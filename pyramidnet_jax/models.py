@@ -322,7 +322,7 @@ def init_variables(model: nn.Module, key: jax.Array, input_shape: Sequence[int])
     shape, dtype = leaf.shape, leaf.dtype
     if collection == 'batch_stats':
       value = np.zeros(shape) if name == 'mean' else np.ones(shape)
-    elif module.startswith('bn'):
+    elif module.startswith('bn') or module.endswith('_bn'):  # bn1, bn_final, downsample_bn.
       value = np.ones(shape) if name == 'scale' else np.zeros(shape)
     else:
       rng = np.random.default_rng([*seed, zlib.crc32('/'.join(names).encode())])

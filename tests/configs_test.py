@@ -1,6 +1,6 @@
 """Every experiment config loads the way main.py loads it and describes the paper's network.
 
-Fast: no compilation (PyramidNet.num_features only walks the channel schedule).
+Fast: no compilation (num_features only walks the channel schedule / checks the depth).
 """
 
 import math
@@ -13,6 +13,7 @@ import pytest
 
 from configs import default
 from pyramidnet_jax import models
+from pyramidnet_jax import pyconv
 from pyramidnet_jax import train
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
@@ -31,8 +32,17 @@ PAPER_FEATURES = {
        for row, dims in CIFAR_FEATURES.items()},
     **IMAGENET_FEATURES,
 }
-OTHER_FILES = {'__init__', 'default', 'cifar_common', 'imagenet_common', 'fashion_mnist_demo'}
-RUNNABLE = sorted(PAPER_FEATURES) + ['fashion_mnist_demo']
+# PyConv (SPEC section 5) ImageNet configs: (config.model.name, depth, README top-1 %).
+PYCONV_IMAGENET = {
+    'imagenet_pyconvresnet50': ('pyconvresnet', 50, '77.88'),
+    'imagenet_pyconvresnet101': ('pyconvresnet', 101, '79.01'),
+    'imagenet_pyconvresnet152': ('pyconvresnet', 152, '79.52'),
+    'imagenet_pyconvhgresnet50': ('pyconvhgresnet', 50, '78.48'),
+}
+DEMOS = ['fashion_mnist_demo', 'fashion_mnist_pyconv']
+OTHER_FILES = {'__init__', 'default', 'cifar_common', 'imagenet_common', 'pyconv_common',
+               *DEMOS}
+RUNNABLE = sorted(PAPER_FEATURES) + sorted(PYCONV_IMAGENET) + DEMOS
 NUM_CLASSES = {'cifar10': 10, 'cifar100': 100, 'imagenet2012': 1000, 'fashion_mnist': 10}
 # ml_collections loads config files with the deprecated load_module(); not ours to fix.
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
@@ -70,7 +80,7 @@ def key_types(config, prefix=''):
 
 def test_file_set_is_exactly_the_papers_rows_plus_demo_and_helpers():
   names = {f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith('.py')}
-  assert names == set(PAPER_FEATURES) | OTHER_FILES
+  assert names == set(PAPER_FEATURES) | set(PYCONV_IMAGENET) | OTHER_FILES
   assert len(PAPER_FEATURES) == 27
 
 
@@ -129,6 +139,40 @@ def test_paper_config(name):
     assert config.learning_rate == {'cifar10': 0.1, 'cifar100': 0.5}[dataset]
     assert config.num_epochs == 300 and tuple(config.lr_boundaries) == (150, 225)
     assert model_config.dropout_rate == 0.0 and not model_config.remat
+
+
+@pytest.mark.parametrize('name', sorted(PYCONV_IMAGENET))
+def test_pyconv_imagenet_config(name):
+  config = load(name)
+  model_name, depth, top1 = PYCONV_IMAGENET[name]
+  model_config = config.model
+  assert model_config.name == model_name and model_config.depth == depth
+  assert model_config.stem == 'imagenet' and model_config.dtype == 'float32'
+  assert model_config.dropout_rate == 0.0 and not model_config.remat
+  assert config.dataset == 'imagenet2012'
+  model = train.create_model(model_config, NUM_CLASSES[config.dataset])
+  cls = pyconv.PyConvResNet if model_name == 'pyconvresnet' else pyconv.PyConvHGResNet
+  assert type(model) is cls and model.depth == depth and model.stem == 'imagenet'
+  assert model.num_features == 2048 and model.num_classes == 1000
+  # The authors' recipe (iduta/pyconv args_file.py): plain momentum, no Nesterov.
+  assert config.batch_size == 256 and config.learning_rate == 0.1
+  assert config.num_epochs == 90 and tuple(config.lr_boundaries) == (30, 60, 80)
+  assert config.lr_schedule == 'piecewise' and config.lr_decay == 0.1
+  assert config.momentum == 0.9 and not config.nesterov and config.weight_decay == 1e-4
+  assert config.warmup_epochs == 0.0 and config.label_smoothing == 0.0
+  assert config.num_train_steps == -1 and config.augment
+  assert config.eval_batch_size % 8 == 0 and 50_000 % config.eval_batch_size == 0
+  assert f'{top1}% top-1' in docstring(name)
+
+
+def test_fashion_mnist_pyconv_config():
+  config = load('fashion_mnist_pyconv')
+  assert config.dataset == 'fashion_mnist'
+  model = train.create_model(config.model, NUM_CLASSES[config.dataset])
+  assert type(model) is pyconv.PyConvResNet
+  assert model.depth == 18 and model.stem == 'cifar' and model.num_features == 512
+  text = ' '.join(docstring('fashion_mnist_pyconv').split())
+  assert 'ours, not the paper' in text and 'accuracy: not measured' in text
 
 
 def test_dotted_file_name_loads_through_main_flag():

@@ -1,0 +1,18 @@
+"""PyConvResNet-152 (Duta et al. 2020; 56.6M parameters, 2048 features) on ImageNet-1k.
+
+  python -m pyramidnet_jax.main --config=configs/imagenet_pyconvresnet152.py \
+      --workdir=runs/imagenet_pyconvresnet152
+
+Recipe: the authors' (iduta/pyconv) 90 epochs, batch 256, LR 0.1 x0.1 at 30/60/80, momentum 0.9
+without Nesterov, weight decay 1e-4; sources and caveats: configs/pyconv_common.py.
+Hardware: one 80 GB GPU or a TPU host (add --config.model.remat=True if it runs out of memory; not
+measured). Expected: the README's 79.52% top-1 (single 224 crop) for PyConvResNet-152. Time: ~2 days
+on one H100 (estimate, not measured: 6 x 10.11 GMACs forward x 1,281,167 images x 90 epochs = 7.00
+EFLOP at an assumed 40 TFLOP/s; the grouped PyConv levels run below that rate, so expect longer).
+"""
+
+from configs import pyconv_common
+
+
+def get_config():
+  return pyconv_common.get_config('pyconvresnet', 152)
