@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoints_to_keep = 2
   config.log_every_steps = 50
   config.progress_bar = True
+  config.write_report = True  # At the end: WORKDIR/report/ (pyramidnet_jax.evaluate's report).
   config.compilation_cache_dir = '~/.cache/pyramidnet_jax/xla'  # '' turns the cache off.
 
   return config

@@ -6,7 +6,6 @@ Any config field can be overridden with --config.<field>=value. Running the same
 resumes from the latest checkpoint in --workdir.
 """
 
-import os
 import sys
 
 from absl import app
@@ -15,19 +14,13 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from pyramidnet_jax import evaluate
 from pyramidnet_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def enable_compilation_cache(cache_dir: str) -> None:
-  """Persistent XLA cache: deep nets with a different width per block compile slowly."""
-  if cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -44,14 +37,20 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
-  enable_compilation_cache(FLAGS.config.compilation_cache_dir)
+  train.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   try:
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    report = None
+    if FLAGS.config.write_report and jax.process_index() == 0:
+      report = evaluate.evaluate_workdir(FLAGS.workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
   print(f'test accuracy {results["test_accuracy"]:.4f}  top-5 {results["test_top5_accuracy"]:.4f}  '
         f'loss {results["test_loss"]:.4f}  ({results["steps"]} steps, '
         f'{results["wall_time_s"]:.0f}s); results in {FLAGS.workdir}/results.json')
+  if report is not None:
+    print(f'report (per-class metrics, confusion matrix, training curves): '
+          f'{report["files"]["markdown"]}')
 
 
 if __name__ == '__main__':

@@ -1,14 +1,11 @@
-"""PyTorch reference networks for the weight converter's parity tests (issues #5 and #7).
+"""The networks in PyTorch, for the benchmark (same network, both frameworks) and parity tests.
 
-Written from /work/shared/SPEC.md (sections 1 and 5), independently of pyramidnet_jax/models.py,
-with the authors' state_dict key layouts:
-
+Written from the project's SPEC (sections 1 and 5), independently of models.py and pyconv.py,
+with the authors' state_dict key layouts, so their checkpoints load into these modules:
 * PyramidNet: dyhan0920/PyramidNet-PyTorch (PyramidNet.py), NCHW, pre-activation blocks.
-* PyConvResNet / PyConvHGResNet: iduta/pyconv (models/pyconvresnet.py, models/pyconvhgresnet.py),
-  including the two-conv block of PyConvResNet-18/34 (the authors' ``PyConvBasicBlock2``).
-
-This is a helper module, not a test file: it imports torch at the top and is only imported by tests
-that first call ``pytest.importorskip('torch')``.
+* PyConvResNet / PyConvHGResNet: iduta/pyconv (models/pyconvresnet.py, pyconvhgresnet.py),
+  including the two-conv block of PyConvResNet-18/34 (the authors' `PyConvBasicBlock2`).
+Imports torch at the top: import this module only where PyTorch is wanted (`.[torch]` extra).
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ import time
 from typing import Any, Callable
 
 from absl import logging
+import flax.linen as nn
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -28,20 +29,44 @@ import optax
 from pyramidnet_jax import checkpoints
 from pyramidnet_jax import input_pipeline
 from pyramidnet_jax import models
+from pyramidnet_jax import pyconv
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+CLASS_NAMES_FILE = 'class_names.json'
+DEFAULT_COMPILATION_CACHE_DIR = '~/.cache/pyramidnet_jax/xla'  # As configs/default.py.
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
 
 
-def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> models.PyramidNet:
-  if model_config.name != 'pyramidnet':
-    raise ValueError(f'Unknown config.model.name {model_config.name!r}: expected "pyramidnet".')
+MODEL_NAMES = ('pyramidnet', 'pyconvresnet', 'pyconvhgresnet')
+
+
+def enable_compilation_cache(cache_dir: str = DEFAULT_COMPILATION_CACHE_DIR) -> None:
+  """Persistent XLA cache: deep nets with a different width per block compile slowly."""
+  if cache_dir:
+    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+  """The network config.model names: PyramidNet, PyConvResNet or PyConvHGResNet.
+
+  The PyConv networks read depth, stem, dropout_rate, remat and dtype; alpha, bottleneck,
+  widening and rounding are PyramidNet's only and ignored for them.
+  """
+  if model_config.name not in MODEL_NAMES:
+    raise ValueError(f'Unknown config.model.name {model_config.name!r}: expected one of '
+                     f'{", ".join(map(repr, MODEL_NAMES))}.')
   if model_config.dtype not in DTYPES:
     raise ValueError(f'Unknown config.model.dtype {model_config.dtype!r}: expected one of '
                      f'{sorted(DTYPES)}.')
+  if model_config.name != 'pyramidnet':
+    cls = pyconv.PyConvResNet if model_config.name == 'pyconvresnet' else pyconv.PyConvHGResNet
+    return cls(depth=model_config.depth, num_classes=num_classes, stem=model_config.stem,
+               dropout_rate=model_config.dropout_rate, remat=model_config.remat,
+               dtype=DTYPES[model_config.dtype])
   return models.PyramidNet(
       depth=model_config.depth, alpha=model_config.alpha, num_classes=num_classes,
       bottleneck=model_config.bottleneck, widening=model_config.widening, stem=model_config.stem,
@@ -237,7 +262,7 @@ def _check_finite(metrics: dict[str, float], step: int, workdir: str, last_saved
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns the results."""
   start_time = time.time()
-  create_model(config.model, num_classes=1).widths  # A bad network fails before any work.
+  create_model(config.model, num_classes=1).num_features  # A bad network fails before any work.
   os.makedirs(workdir, exist_ok=True)
   is_chief = jax.process_index() == 0
   dataset = input_pipeline.load_dataset(config, jax.process_index(), jax.process_count())
@@ -282,6 +307,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_chief:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json(indent=2))
+    # For predict and load: names without reading (or importing a reader for) the dataset.
+    with open(os.path.join(workdir, CLASS_NAMES_FILE), 'w') as f:
+      json.dump(list(dataset.class_names), f)
 
   log = MetricsLog(workdir)
   step = int(jax.device_get(state.step))

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from tests import torch_reference as ref  # noqa: E402  (needs torch)
+from pyramidnet_jax import torch_reference as ref  # noqa: E402  (needs torch)
 
 
 def _meta(build):

@@ -1,0 +1,194 @@
+"""`pyramidnet_jax.load`: a trained network and its variables from a workdir or a model directory.
+
+Two kinds of directory hold a network:
+- a training workdir (`config.json`, `checkpoints/<step>/`, `best/<step>/`): the best-on-
+  validation state if the run had a validation split, else the latest;
+- a model directory written by `convert` (`model.json` and the Orbax item `variables/`).
+Only the params and batch statistics are read (never the optimiser state), onto one device,
+so a state trained on a pod loads on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+MODEL_FILE = 'model.json'
+VARIABLES_DIR = 'variables'
+_COLLECTIONS = ('params', 'batch_stats')
+CIFAR10_CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
+                       'ship', 'truck')
+
+# config.model of configs/default.py; a converted model is described with the same fields.
+MODEL_DEFAULTS = {'name': 'pyramidnet', 'depth': 110, 'alpha': 48.0, 'bottleneck': False,
+                  'widening': 'additive', 'stem': 'cifar', 'rounding': 'half_up',
+                  'dropout_rate': 0.0, 'remat': False, 'dtype': 'float32'}
+
+
+@dataclasses.dataclass
+class Loaded:
+  model: Any  # A Flax module: PyramidNet, PyConvResNet or PyConvHGResNet.
+  variables: dict[str, Any]  # {'params', 'batch_stats'}
+  model_config: dict[str, Any]
+  num_classes: int
+  dataset: str | None  # The data it was trained on: sets predict's transform and class names.
+  class_names: tuple[str, ...] | None
+  step: int | None  # Training step of the checkpoint (None for a converted model).
+  config: Any  # The full training config (ConfigDict) of a workdir, else None.
+  path: str  # The checkpoint or model directory actually read.
+
+
+def load(path: str, which: str = 'best') -> tuple[Any, dict[str, Any]]:
+  """(model, variables) from a training workdir or a converted model directory.
+
+  `model.apply(variables, images)` gives logits; `method='features'` the backbone features.
+  `which` picks a workdir's 'best' (falls back to latest when there is none) or 'latest' state.
+  """
+  loaded = load_info(path, which)
+  return loaded.model, loaded.variables
+
+
+def load_info(path: str, which: str = 'best') -> Loaded:
+  """Like `load`, with what the directory says about the data and the checkpoint."""
+  path = os.path.expanduser(path)
+  if which not in ('best', 'latest'):
+    raise ValueError(f'which must be "best" or "latest", got {which!r}.')
+  if os.path.isfile(os.path.join(path, MODEL_FILE)):
+    return _load_model_directory(path)
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    return _load_workdir(path, which)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} does not exist.')
+  raise FileNotFoundError(
+      f'{path} is neither a training workdir (no config.json) nor a converted model directory '
+      f'(no {MODEL_FILE}). Pass the --workdir of a training run, or the --out of convert.')
+
+
+def _load_workdir(workdir: str, which: str) -> Loaded:
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from pyramidnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, 'config.json')) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  chosen = None
+  for kind in ((checkpoints.BEST, checkpoints.LATEST) if which == 'best' else (checkpoints.LATEST,)):
+    directory = os.path.join(workdir, kind)
+    steps = _steps(directory)
+    if steps:
+      chosen = os.path.join(directory, str(steps[-1]), 'state')
+      step = steps[-1]
+      break
+  if chosen is None:
+    raise FileNotFoundError(f'{workdir} holds no checkpoint yet: train first (python -m '
+                            f'pyramidnet_jax.main --config=... --workdir={workdir}).')
+  variables = restore_variables(chosen)
+  model_config = {**MODEL_DEFAULTS, **config.model.to_dict()}
+  num_classes = int(variables['params']['fc']['bias'].shape[0])
+  names_file = os.path.join(workdir, 'class_names.json')  # train.CLASS_NAMES_FILE
+  if os.path.isfile(names_file):
+    with open(names_file) as f:
+      class_names = tuple(json.load(f))
+  else:  # A workdir from before the file was written.
+    class_names = class_names_of(config.dataset, num_classes, config.get('data_dir'))
+  return Loaded(model=build_model(model_config, num_classes), variables=variables,
+                model_config=model_config, num_classes=num_classes, dataset=config.dataset,
+                class_names=class_names, step=step,
+                config=config, path=chosen)
+
+
+def _load_model_directory(directory: str) -> Loaded:
+  with open(os.path.join(directory, MODEL_FILE)) as f:
+    info = json.load(f)
+  variables = restore_variables(os.path.join(directory, VARIABLES_DIR))
+  model_config = {**MODEL_DEFAULTS, **info['model']}
+  num_classes = int(info['num_classes'])
+  class_names = info.get('class_names') or class_names_of(info.get('dataset'), num_classes)
+  return Loaded(model=build_model(model_config, num_classes), variables=variables,
+                model_config=model_config, num_classes=num_classes, dataset=info.get('dataset'),
+                class_names=tuple(class_names) if class_names else None, step=None, config=None,
+                path=directory)
+
+
+def _steps(directory: str) -> list[int]:
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def restore_variables(directory: str) -> dict[str, Any]:
+  """params and batch_stats of the Orbax pytree in `directory`, on the first local device."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)  # Orbax finds no metadata under a relative path.
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    metadata = checkpointer.metadata(directory).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                metadata[k]) for k in _COLLECTIONS}
+    restored = checkpointer.restore(
+        directory, args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True))
+  except Exception as e:  # Orbax raises several types for missing or damaged files.
+    raise ValueError(f'{directory} cannot be read as a checkpoint ({type(e).__name__}: '
+                     f'{str(e)[:300]}). Nothing was changed.') from e
+  return {k: restored[k] for k in _COLLECTIONS}
+
+
+def build_model(model_config: dict[str, Any], num_classes: int) -> Any:
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from pyramidnet_jax import train  # pylint: disable=g-import-not-at-top
+  return train.create_model(ml_collections.ConfigDict(model_config), num_classes)
+
+
+def class_names_of(dataset: str | None, num_classes: int,
+                   data_dir: str | None = None) -> tuple[str, ...] | None:
+  """Class names of a known dataset, read without its data; None when unknown."""
+  from pyramidnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  if dataset == 'fashion_mnist':
+    names = input_pipeline.FASHION_MNIST_CLASS_NAMES
+  elif dataset in ('cifar10', 'cifar100', 'imagenet2012'):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    # Prepared data records the names in its dataset_info; ImageNet's synsets ship with TFDS.
+    names = tfds.builder(dataset, data_dir=data_dir or None).info.features['label'].names
+    if dataset == 'cifar10' and list(names) == [str(i) for i in range(10)]:
+      names = CIFAR10_CLASS_NAMES
+  else:
+    return None
+  return tuple(names) if len(names) == num_classes else None
+
+
+def check_new_directory(path: str) -> None:
+  """Refuses to write into a directory that already holds files (nothing is ever overwritten)."""
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise FileExistsError(f'{path} already exists and is not empty; choose a new --out '
+                          '(nothing was overwritten).')
+
+
+def save(directory: str, model_config: dict[str, Any], num_classes: int,
+         variables: dict[str, Any], dataset: str | None = None, source: str = '',
+         class_names: tuple[str, ...] | None = None) -> dict[str, Any]:
+  """Writes a model directory: `variables/` (Orbax) and `model.json`; returns the JSON."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  check_new_directory(directory)
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  variables = {k: variables[k] for k in _COLLECTIONS}
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(directory, VARIABLES_DIR), variables)
+  checkpointer.wait_until_finished()
+  info = {
+      'model': {**MODEL_DEFAULTS, **model_config},
+      'num_classes': int(num_classes),
+      'dataset': dataset,
+      'class_names': list(class_names) if class_names else None,
+      'source': source,
+      'num_params': int(sum(np.size(x) for x in jax.tree.leaves(variables['params']))),
+  }
+  with open(os.path.join(directory, MODEL_FILE), 'w') as f:
+    json.dump(info, f, indent=2)
+  return info
