@@ -48,8 +48,10 @@ def predict_split(model: Any, variables: dict[str, Any], split: Any,
 
 
 def evaluate_workdir(workdir: str, which: str = 'best', split_name: str = 'test',
-                     batch_size: int | None = None, out_dir: str | None = None) -> dict[str, Any]:
-  """Evaluates a workdir's checkpoint on one split and writes the report; returns its metrics."""
+                     batch_size: int | None = None, out_dir: str | None = None,
+                     write: bool = True) -> dict[str, Any]:
+  """Evaluates a workdir's checkpoint on one split and writes the report (unless not `write`);
+  returns its metrics."""
   if split_name not in SPLITS:
     raise ValueError(f'Unknown split {split_name!r}: expected one of {SPLITS}.')
   loaded = loading.load_info(workdir, which)
@@ -70,7 +72,10 @@ def evaluate_workdir(workdir: str, which: str = 'best', split_name: str = 'test'
   records = report.read_metrics_log(os.path.join(workdir, 'metrics.jsonl'))
   extra = {'workdir': os.path.abspath(workdir), 'checkpoint': loaded.path, 'step': loaded.step,
            'split': split_name, 'dataset': config.dataset, 'model': loaded.model_config}
-  files = report.write_report(out_dir or os.path.join(workdir, REPORT_DIR), metrics, records, extra)
+  files = {}
+  if write:
+    files = report.write_report(out_dir or os.path.join(workdir, REPORT_DIR), metrics, records,
+                                extra)
   return {**metrics, 'files': files, 'step': loaded.step, 'checkpoint': loaded.path}
 
 

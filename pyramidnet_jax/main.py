@@ -6,6 +6,7 @@ Any config field can be overridden with --config.<field>=value. Running the same
 resumes from the latest checkpoint in --workdir.
 """
 
+import os
 import sys
 
 from absl import app
@@ -19,8 +20,37 @@ from pyramidnet_jax import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
+flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0, the same '
+                    'on every process. Without it, TPU pods and SLURM jobs are auto-detected.')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: total number of processes.')
+flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index, 0 to N-1.')
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """jax.distributed from the flags, or auto-detected on a TPU pod or in a SLURM job step.
+
+  Every process then runs the same program: the global batch is split over all processes'
+  devices, each reads its own shard, and only process 0 writes logs and results.
+  """
+  given = [v is not None for v in (coordinator_address, num_processes, process_id)]
+  if any(given):
+    if not all(given):
+      raise ValueError('--coordinator_address, --num_processes and --process_id go together: '
+                       'give all three (the same address and count on every process).')
+    if not 0 <= process_id < num_processes:
+      raise ValueError(f'--process_id={process_id} must be in [0, {num_processes}).')
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif _on_multihost_cluster():
+    jax.distributed.initialize()  # JAX reads the cluster from the environment.
+
+
+def _on_multihost_cluster() -> bool:
+  tpu_hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
+  slurm_tasks = int(os.environ.get('SLURM_STEP_NUM_TASKS', os.environ.get('SLURM_NTASKS', '1')))
+  return ',' in tpu_hosts or ('SLURM_STEP_ID' in os.environ and slurm_tasks > 1)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -37,14 +67,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
+  try:
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except ValueError as e:
+    sys.exit(f'error: {e}')
   train.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
   try:
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     report = None
-    if FLAGS.config.write_report and jax.process_index() == 0:
-      report = evaluate.evaluate_workdir(FLAGS.workdir)
+    if FLAGS.config.write_report:
+      # Every process restores and evaluates (Orbax reads collectively); process 0 writes.
+      report = evaluate.evaluate_workdir(FLAGS.workdir, write=jax.process_index() == 0)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
+  if jax.process_index() != 0:
+    return
   print(f'test accuracy {results["test_accuracy"]:.4f}  top-5 {results["test_top5_accuracy"]:.4f}  '
         f'loss {results["test_loss"]:.4f}  ({results["steps"]} steps, '
         f'{results["wall_time_s"]:.0f}s); results in {FLAGS.workdir}/results.json')

@@ -106,9 +106,16 @@ def read_checkpoint(workdir: str, kind: str = 'checkpoints', step: int | None = 
   steps = checkpoint_steps(workdir, kind)
   assert steps, f'no checkpoint in {workdir}/{kind}'
   step = steps[-1] if step is None else step
+  import jax  # pylint: disable=g-import-not-at-top
+  # Restored onto one device whatever the saving run's topology (e.g. two processes).
+  metadata = ocp.PyTreeCheckpointer().metadata(
+      os.path.join(workdir, kind, str(step), 'state')).item_metadata
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          metadata)
   with ocp.CheckpointManager(os.path.join(workdir, kind), item_names=('state', 'meta')) as manager:
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
   state = _to_numpy(restored['state'])
   return step, state, restored['meta']
 
