@@ -121,11 +121,14 @@ def _steps(directory: str) -> list[int]:
 
 def restore_variables(directory: str) -> dict[str, Any]:
   """params and batch_stats of the Orbax pytree in `directory`, on the first local device."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(directory)  # Orbax finds no metadata under a relative path.
   checkpointer = ocp.PyTreeCheckpointer()
   try:
-    metadata = checkpointer.metadata(directory).item_metadata
+    # The handler reads an item directory's tree metadata directly (the checkpointer would look
+    # for, and warn about, the step-level metadata file of a CheckpointManager step).
+    metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory))
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = {k: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                                 metadata[k]) for k in _COLLECTIONS}
