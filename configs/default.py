@@ -24,11 +24,27 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'  # 'float32' | 'bfloat16' (computation; params stay float32)
 
   # Data.
-  config.dataset = 'cifar10'  # 'cifar10' | 'cifar100' | 'imagenet2012' | 'fashion_mnist'
+  # 'cifar10' | 'cifar100' | 'imagenet2012' | 'fashion_mnist' | 'folder:/path/to/root', the
+  # user's images in root/train/<class>/* and root/val/<class>/* (val/ is the test split).
+  config.dataset = 'cifar10'
   config.data_dir = ''  # '' = the TFDS default, or /usr/share/datasets/fashion-mnist.
   config.augment = True  # Dataset's training augmentation (CIFAR: pad 4, crop, flip).
   config.validation_fraction = 0.0  # Hold-out from the training split (stratified in memory).
   config.validation_seed = 0
+  # imagenet2012 and folder: only. Side of the training crop and of the eval centre crop (eval
+  # first resizes the shorter side to round(image_size * 256 / 224)).
+  config.image_size = 224
+  # imagenet2012 and folder: only, training with augment. The Torch recipe's (fb.resnet.torch)
+  # colour jitter: brightness, contrast and saturation factors ~ U(1 -+ color_jitter), applied
+  # in a random order; 0 = off, 0.4 = the Torch recipe.
+  config.color_jitter = 0.0
+  # imagenet2012 and folder: only, training with augment. Std of AlexNet-style PCA lighting noise
+  # (ImageNet's RGB eigenvalues and eigenvectors); 0 = off, 0.1 = the Torch recipe.
+  config.pca_lighting = 0.0
+  # folder: only. An unreadable image file is named in the log and 'skip'ped (training: replaced
+  # by the next readable file of the shard; evaluation: masked out; counted per epoch), or is an
+  # 'error' that stops the run.
+  config.bad_images = 'skip'
 
   # Optimisation: SGD, Nesterov, coupled L2 weight decay on all parameters.
   config.batch_size = 128  # Global, across all devices and hosts.

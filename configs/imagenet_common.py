@@ -19,8 +19,9 @@ Batch 128 at LR 0.05 is kept rather than 256 at a linearly scaled 0.1: it is the
 verbatim (same steps and LR per example), linear scaling would be an untested change for these
 networks, and 128 fits one 80 GB GPU. Our BatchNorm statistics are over all 128 examples, not over
 16 per GPU as in the authors' 8-GPU run. Augmentation is the PyTorch code's: RandomResizedCrop
-224 + flip for training, resize 256 + centre crop 224 for evaluation (the Torch code's colour
-jitter and PCA lighting are not in the pipeline yet). The data must be prepared by hand first
+224 + flip for training, resize 256 + centre crop 224 for evaluation; the Torch code's colour
+jitter and PCA lighting are options (--config.color_jitter=0.4 --config.pca_lighting=0.1), off
+here as in the PyTorch code. The data must be prepared by hand first
 (`tfds build imagenet2012` after the manual download); the error says how when it is missing.
 
 Wall-time estimates are rough, not measured: training FLOPs = 6 x forward MACs x 1,281,167 images

@@ -9,6 +9,7 @@ ImageNet cannot be downloaded here, so two stand-ins are used:
   its label and its pixels.
 """
 
+import dataclasses
 import os
 import types
 
@@ -285,3 +286,86 @@ def test_eval_transform_resizes_shorter_side_then_center_crops(height, width):
   span = pixels[112, -1, 0] - pixels[112, 0, 0]
   assert abs(span - expected_span) < 3.0
   assert abs(pixels[112, 111:113, 0].mean() - 127.5) < 3.0  # Centered.
+
+
+# --- The Torch recipe's colour augmentation (fb.resnet.torch ColorJitter + Lighting) --------
+
+
+def seed_tensor(*words):
+  return tf.constant(words, tf.int64)
+
+
+def numpy_color_jitter(image, alphas, order):
+  """fb.resnet.torch's Brightness / Contrast / Saturation blends, in the given order."""
+  grey_weights = np.asarray(ip.GREY_WEIGHTS, np.float64)
+  out = image.astype(np.float64)
+  for op in order:
+    alpha = float(alphas[op])
+    grey = out @ grey_weights
+    other = [np.zeros_like(out), np.full_like(out, grey.mean()), grey[..., None]][op]
+    out = out * alpha + other * (1.0 - alpha)
+  return out
+
+
+def test_color_jitter_follows_torch_and_is_deterministic():
+  image = np.random.default_rng(0).uniform(0, 255, (6, 5, 3)).astype(np.float32)
+  outputs, orders = [], set()
+  for s in range(12):
+    out = ip.torch_color_augment(tf.constant(image), 0.4, 0.0, seed_tensor(s, 7), None).numpy()
+    alphas, order = (x.numpy() for x in ip.color_jitter_params(0.4, seed_tensor(s, 7)))
+    assert np.all((alphas >= 0.6) & (alphas <= 1.4)) and sorted(order) == [0, 1, 2]
+    orders.add(tuple(order))
+    np.testing.assert_allclose(out, numpy_color_jitter(image, alphas, order), rtol=1e-5,
+                               atol=1e-3)
+    assert np.isfinite(out).all() and not np.allclose(out, image, atol=0.5)
+    np.testing.assert_array_equal(
+        out, ip.torch_color_augment(tf.constant(image), 0.4, 0.0, seed_tensor(s, 7), None).numpy())
+    outputs.append(out.tobytes())
+  assert len(set(outputs)) == 12 and len(orders) >= 3  # Random factors, random order.
+  # Off: the very same pixels, whatever the seeds.
+  same = ip.torch_color_augment(tf.constant(image), 0.0, 0.0, seed_tensor(1, 1), seed_tensor(2, 2))
+  np.testing.assert_array_equal(same.numpy(), image)
+
+
+def test_pca_lighting_adds_the_pca_offset_per_channel():
+  eigval = np.asarray(ip.PCA_EIGVAL)
+  eigvec = np.asarray(ip.PCA_EIGVEC)
+  np.testing.assert_allclose(eigval, [0.2175, 0.0188, 0.0045])
+  image = np.random.default_rng(1).uniform(0, 255, (4, 4, 3)).astype(np.float32)
+  offsets = []
+  for s in range(4):
+    seed = seed_tensor(s, 3)
+    alpha = tf.random.stateless_normal((3,), seed=seed).numpy().astype(np.float64) * 0.1
+    expected = eigvec @ (alpha * eigval)  # rgb[i] = sum_j eigvec[i, j] * alpha[j] * eigval[j].
+    np.testing.assert_allclose(ip.pca_lighting_offset(0.1, seed).numpy(), expected, atol=1e-6)
+    out = ip.torch_color_augment(tf.constant(image), 0.0, 0.1, None, seed).numpy()
+    np.testing.assert_allclose(out - image, np.broadcast_to(255 * expected, image.shape),
+                               atol=1e-3)
+    offsets.append(expected)
+  assert len({o.tobytes() for o in offsets}) == 4
+  # Through the train transform: the offset is added before normalisation, so the normalised
+  # image moves by offset / std in each channel.
+  jpeg = tf.io.encode_jpeg(image.astype(np.uint8))
+  def transform(lighting):
+    return ip.imagenet_train_transform(jpeg, seed_tensor(1, 0), seed_tensor(2, 0), MEAN, STD,
+                                       size=16, pca_lighting=lighting,
+                                       lighting_seed=seed_tensor(0, 3)).numpy()
+  np.testing.assert_allclose(transform(0.1) - transform(0.0),
+                             np.broadcast_to(offsets[0] / STD, (16, 16, 3)), atol=1e-4)
+
+
+def test_mock_color_augmentation_and_image_size_through_the_pipeline():
+  with tfds.testing.mock_data(num_examples=NUM_MOCK):
+    colour = ip.load_dataset(make_config(image_size=48, color_jitter=0.4, pca_lighting=0.1))
+    assert (colour.color_jitter, colour.pca_lighting) == (0.4, 0.1)
+    assert colour.image_shape == (48, 48, 3)
+    plain = dataclasses.replace(colour, color_jitter=0.0, pca_lighting=0.0)
+    first = lambda d: next(ip.train_batches(d, 16, seed=5, epoch=0, augment=True))
+    coloured, again, grey = first(colour), first(colour), first(plain)
+    evaluated = next(ip.eval_batches(colour.test, 16, colour.mean, colour.std))
+  assert coloured['image'].shape == evaluated['image'].shape == (16, 48, 48, 3)
+  assert_same_batches([coloured], [again])
+  np.testing.assert_array_equal(grey['label'], coloured['label'])  # Same examples and crops.
+  assert np.isfinite(coloured['image']).all()
+  differs = np.abs(coloured['image'] - grey['image']).mean(axis=(1, 2, 3))
+  assert np.all(differs > 1e-3)

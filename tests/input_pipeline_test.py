@@ -1,6 +1,7 @@
 """Tests for pyramidnet_jax.input_pipeline on real Fashion-MNIST, mocked TFDS CIFAR and small
 hand-made datasets."""
 
+import dataclasses
 import gzip
 import itertools
 import os
@@ -347,6 +348,18 @@ def test_imagenet_and_unknown_datasets_raise_clear_errors(tmp_path):
     ip.load_dataset(make_config(dataset='imagenet2012', data_dir=str(tmp_path)))
   with pytest.raises(ValueError, match='Unknown dataset'):
     ip.load_dataset(make_config(dataset='mnist'))
+
+
+def test_streaming_only_options_are_refused_for_in_memory_datasets():
+  for field, value in (('color_jitter', 0.4), ('pca_lighting', 0.1), ('image_size', 64)):
+    with pytest.raises(ValueError, match='imagenet2012 and folder:ROOT datasets only'):
+      ip.load_dataset(make_config(dataset='cifar10', **{field: value}))
+  with pytest.raises(ValueError, match='bad_images'):
+    ip.load_dataset(make_config(bad_images='maybe'))
+  dataset = id_dataset(4)
+  assert (dataset.color_jitter, dataset.pca_lighting) == (0.0, 0.0)
+  with pytest.raises(ValueError, match='color_jitter'):
+    dataclasses.replace(dataset, color_jitter=-0.1)
 
 
 def test_importing_the_package_does_not_import_tensorflow():
