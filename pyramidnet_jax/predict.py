@@ -5,9 +5,10 @@
 
 Arguments are image files or folders (searched recursively). Each image goes through the eval
 transform of the data the network was trained on, the same as torchvision's for the authors'
-models: ImageNet-stem networks resize the shorter side to 256 and centre-crop 224, small-image
-networks resize the whole image to their training size (32x32 RGB for CIFAR, 28x28 grey for
-Fashion-MNIST, whose garments are light on a black background). A file that cannot be read as an
+models: ImageNet-stem networks and image-folder datasets resize the shorter side to 256 and
+centre-crop 224 (in proportion for another config.image_size), small-image networks resize the
+whole image to their training size (32x32 RGB for CIFAR, 28x28 grey for Fashion-MNIST, whose
+garments are light on a black background). A file that cannot be read as an
 image gets a one-line error naming it; the others are still classified, and the exit status is 1.
 """
 
@@ -31,13 +32,17 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.
 class Transform:
   """PIL image -> normalised float32 (H, W, C) array, as the network saw its eval data."""
 
-  def __init__(self, dataset: str | None, model_config: dict[str, Any], channels: int):
+  def __init__(self, dataset: str | None, model_config: dict[str, Any], channels: int,
+               image_size: int = input_pipeline.IMAGENET_IMAGE_SIZE):
+    self.crop = image_size
+    self.resize = input_pipeline.resize_size_for(image_size)
     if dataset == 'fashion_mnist':
       self.mean, self.std, self.size = (input_pipeline.FASHION_MNIST_MEAN,
                                         input_pipeline.FASHION_MNIST_STD, (28, 28))
     elif dataset in ('cifar10', 'cifar100'):
       self.mean, self.std, self.size = input_pipeline.CIFAR_MEAN, input_pipeline.CIFAR_STD, (32, 32)
-    elif dataset == 'imagenet2012' or (dataset is None and model_config['stem'] == 'imagenet'):
+    elif (dataset == 'imagenet2012' or (dataset or '').startswith('folder:') or
+          (dataset is None and model_config['stem'] == 'imagenet')):
       self.mean, self.std = input_pipeline.IMAGENET_MEAN, input_pipeline.IMAGENET_STD
       self.size = None  # Resize the shorter side, then centre-crop.
     elif dataset is None:  # A converted small-image network: CIFAR statistics and size.
@@ -52,10 +57,11 @@ class Transform:
     from PIL import Image  # pylint: disable=g-import-not-at-top
     image = image.convert(self.mode)
     if self.size is None:
-      resize, crop = input_pipeline.IMAGENET_RESIZE_SIZE, input_pipeline.IMAGENET_IMAGE_SIZE
+      resize, crop = self.resize, self.crop
       width, height = image.size
       scale = resize / min(width, height)
-      # torchvision's Resize(256): the shorter side becomes 256, the longer one is truncated.
+      # torchvision's Resize(256) (for crop 224): the shorter side becomes 256, the longer one is
+      # truncated.
       new = (resize, int(height * scale)) if width <= height else (int(width * scale), resize)
       image = image.resize(new, Image.BILINEAR)
       left = int(round((new[0] - crop) / 2.0))
@@ -104,7 +110,9 @@ def predict(loaded: loading.Loaded, paths: Sequence[str], top_k: int = 5,
   """([{'path', 'top': [(class, probability), ...]}], [error line, ...]) for the images."""
   import jax  # pylint: disable=g-import-not-at-top
   channels = int(jax.tree.leaves(loaded.variables['params']['conv1'])[0].shape[2])
-  transform = Transform(loaded.dataset, loaded.model_config, channels)
+  image_size = loaded.config.get('image_size', input_pipeline.IMAGENET_IMAGE_SIZE) \
+      if loaded.config is not None else input_pipeline.IMAGENET_IMAGE_SIZE
+  transform = Transform(loaded.dataset, loaded.model_config, channels, image_size)
   names = loaded.class_names or tuple(str(i) for i in range(loaded.num_classes))
   forward = jax.jit(lambda v, x: jax.nn.softmax(loaded.model.apply(v, x, train=False)))
   top_k = max(1, min(top_k, loaded.num_classes))
