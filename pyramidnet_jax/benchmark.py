@@ -34,6 +34,8 @@ from absl import logging
 from ml_collections import config_flags
 import numpy as np
 
+from pyramidnet_jax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
 flags.DEFINE_string('output', None, 'Write the results as JSON to this path.')
@@ -67,17 +69,9 @@ _ARGV: list[str] = []  # The command line, replayed for the workers.
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a one-line error for an unknown or ill-typed config field.
-
-  As pyramidnet_jax.main's (importing that module would define its required --workdir).
-  """
+  """cli.parse_config_flags, remembering the command line to replay it for the workers."""
   _ARGV[:] = argv[1:]
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError) as e:
-    overrides = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
-    sys.exit(f'error: bad config override ({overrides}): {e}. The fields and their types are '
-             'in configs/default.py.')
+  return cli.parse_config_flags(argv)
 
 
 def data_spec(config, image_size: int = 0) -> tuple[tuple[int, int, int], int]:

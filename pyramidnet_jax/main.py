@@ -15,6 +15,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from pyramidnet_jax import cli
 from pyramidnet_jax import evaluate
 from pyramidnet_jax import train
 
@@ -53,16 +54,6 @@ def _on_multihost_cluster() -> bool:
   return ',' in tpu_hosts or ('SLURM_STEP_ID' in os.environ and slurm_tasks > 1)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a one-line error for an unknown or ill-typed config field."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError) as e:
-    overrides = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
-    sys.exit(f'error: bad config override ({overrides}): {e}. The fields and their types are '
-             'in configs/default.py.')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
@@ -91,4 +82,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_config_flags)

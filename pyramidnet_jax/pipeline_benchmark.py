@@ -31,6 +31,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from pyramidnet_jax import cli
 from pyramidnet_jax import input_pipeline
 
 FLAGS = flags.FLAGS
@@ -45,16 +46,6 @@ flags.DEFINE_integer('process_index', 0, 'Streamed datasets: the process whose s
 flags.DEFINE_integer('process_count', 1, 'Streamed datasets: the number of processes.',
                      lower_bound=1)
 flags.mark_flags_as_required(['config'])
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a one-line error for an unknown or ill-typed config field."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError) as e:
-    overrides = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
-    sys.exit(f'error: bad config override ({overrides}): {e}. The fields and their types are '
-             'in configs/default.py.')
 
 
 def batch_stream(dataset: input_pipeline.Dataset, config, split: str, epoch: int):
@@ -132,4 +123,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_config_flags)
