@@ -149,6 +149,20 @@ def _conv_and_norm(module: nn.Module, train: bool):
   return conv, norm
 
 
+def validate_call(model: nn.Module, x: jax.Array) -> None:
+  """The checks every network here makes on its num_classes, dropout_rate and input."""
+  if isinstance(model.num_classes, bool) or not isinstance(model.num_classes, int) \
+      or model.num_classes < 1:
+    raise ValueError(f'num_classes must be a positive int, got {model.num_classes!r}.')
+  if not 0.0 <= model.dropout_rate < 1.0:
+    raise ValueError(f'dropout_rate must be in [0, 1), got {model.dropout_rate}.')
+  if x.ndim != 4 or x.shape[-1] not in (1, 3):
+    raise ValueError(
+        f'{type(model).__name__} expects NHWC images with 1 or 3 channels, shape (batch, '
+        f'height, width, channels); got shape {tuple(x.shape)}. Transpose NCHW input with '
+        'x.transpose(0, 2, 3, 1).')
+
+
 class BasicBlock(nn.Module):
   """BN -> conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, plus the shortcut; no final ReLU."""
   width: int
@@ -247,18 +261,6 @@ class PyramidNet(nn.Module):
     last = self.widths[-1][-1]
     return last * BOTTLENECK_EXPANSION if self.bottleneck else last
 
-  def _validate(self, x: jax.Array) -> None:
-    if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
-        or self.num_classes < 1:
-      raise ValueError(f'num_classes must be a positive int, got {self.num_classes!r}.')
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f'dropout_rate must be in [0, 1), got {self.dropout_rate}.')
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-      raise ValueError(
-          f'PyramidNet expects NHWC images with 1 or 3 channels, shape (batch, height, width, '
-          f'channels); got shape {tuple(x.shape)}. Transpose NCHW input with '
-          'x.transpose(0, 2, 3, 1).')
-
   def features(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """Backbone: {'stem', 'stage1', ..., 'stageK', 'pooled'}; 'pooled' is (batch, num_features).
 
@@ -269,7 +271,7 @@ class PyramidNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
     """Float32 logits (batch, num_classes), or the `features` dict if return_features."""
-    self._validate(x)
+    validate_call(self, x)
     widths = self.widths
     conv, norm = _conv_and_norm(self, train)
     out = {}

@@ -26,6 +26,7 @@ from pyramidnet_jax.models import _conv_and_norm
 from pyramidnet_jax.models import _pad
 from pyramidnet_jax.models import _torch_linear_init
 from pyramidnet_jax.models import conv_init
+from pyramidnet_jax.models import validate_call
 
 STEMS = ('imagenet', 'cifar')
 STEM_WIDTH = 64
@@ -264,18 +265,6 @@ class _PyConvNet(nn.Module):
     """Width of the pooled feature vector fed to the classifier; validates the configuration."""
     return self.PLANES[-1] * self.expansion
 
-  def _validate(self, x: jax.Array) -> None:
-    if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
-        or self.num_classes < 1:
-      raise ValueError(f'num_classes must be a positive int, got {self.num_classes!r}.')
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f'dropout_rate must be in [0, 1), got {self.dropout_rate}.')
-    if x.ndim != 4 or x.shape[-1] not in (1, 3):
-      raise ValueError(
-          f'{type(self).__name__} expects NHWC images with 1 or 3 channels, shape (batch, '
-          f'height, width, channels); got shape {tuple(x.shape)}. Transpose NCHW input with '
-          'x.transpose(0, 2, 3, 1).')
-
   def features(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """Backbone: {'stem', 'stage1', ..., 'stage4', 'pooled'}; 'pooled' is (batch, num_features).
 
@@ -287,7 +276,7 @@ class _PyConvNet(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
     """Float32 logits (batch, num_classes), or the `features` dict if return_features."""
     layout, bottleneck = self.layout
-    self._validate(x)
+    validate_call(self, x)
     conv, norm = _conv_and_norm(self, train)
     out = {}
     x = x.astype(self.dtype)
