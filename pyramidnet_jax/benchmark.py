@@ -46,6 +46,9 @@ flags.DEFINE_string('frameworks', 'jax,torch_eager,torch_eager_cl,torch_compile,
 flags.DEFINE_integer('image_size', 0, 'Image height and width; 0 = the dataset\'s.', lower_bound=0)
 flags.DEFINE_bool('cold_cache', False, 'Disable the persistent compilation caches (XLA\'s and '
                   'TorchInductor\'s), so the time to the first step includes a full compile.')
+flags.DEFINE_bool('compile_only', False, 'Ours only: trace and compile the training step and '
+                  'report its times and XLA\'s memory analysis, without running it (for steps '
+                  'too big for this machine\'s memory).')
 flags.DEFINE_integer('torch_threads', 0, 'PyTorch CPU threads; 0 = all the CPUs this process may '
                      'use.', lower_bound=0)
 # Internal: the parent runs each variant as `python -m pyramidnet_jax.benchmark ... --worker=V`.
@@ -128,8 +131,15 @@ def our_num_params(config, image_shape, num_classes) -> int:
   return int(sum(np.prod(a.shape) for a in jax.tree.leaves(shapes['params'])))
 
 
+def _xla_memory(memory) -> dict[str, int | None]:
+  """XLA's buffer assignment of a compiled step (None where the backend gives none)."""
+  names = ('temp', 'argument', 'output', 'alias')
+  return {f'xla_{n}_bytes': getattr(memory, f'{n}_size_in_bytes') if memory else None
+          for n in names}
+
+
 def run_jax(config, image_shape, num_classes, steps: int, warmup: int,
-            cold_cache: bool) -> dict[str, Any]:
+            cold_cache: bool, compile_only: bool = False) -> dict[str, Any]:
   """Ours: train.create_runtime's jitted, sharded, state-donating step, as training runs it."""
   rss_imports = _rss_mb()
   import jax  # pylint: disable=g-import-not-at-top
@@ -173,6 +183,13 @@ def run_jax(config, image_shape, num_classes, steps: int, warmup: int,
   t2 = time.perf_counter()
   # ru_maxrss only grows: this tells XLA's compile peak apart from the steps'.
   peak_rss_compile = _peak_rss_mb()
+  if compile_only:
+    return {'compile_only': True, 'trace_s': t1 - t0, 'compile_s': t2 - t1,
+            'state_creation_s': state_creation_s, 'num_params': num_params,
+            'compilation_cache': cache, **_xla_memory(step.memory_analysis()),
+            'peak_rss_mb': peak_rss_compile, 'rss_after_imports_mb': rss_imports,
+            'device': f'{devices[0].device_kind} x{len(devices)}',
+            'platform': devices[0].platform}
   state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))
   t3 = time.perf_counter()
@@ -221,10 +238,7 @@ def run_jax(config, image_shape, num_classes, steps: int, warmup: int,
       'first_loss': first_loss,
       'num_params': num_params,
       'compilation_cache': cache,
-      'xla_temp_bytes': memory.temp_size_in_bytes if memory else None,
-      'xla_argument_bytes': memory.argument_size_in_bytes if memory else None,
-      'xla_output_bytes': memory.output_size_in_bytes if memory else None,
-      'xla_alias_bytes': memory.alias_size_in_bytes if memory else None,
+      **_xla_memory(memory),
       'peak_rss_mb': _peak_rss_mb(),
       'peak_rss_train_mb': peak_rss_train,
       'peak_rss_after_compile_mb': peak_rss_compile,
@@ -409,7 +423,7 @@ def _worker(variant: str, output: str) -> None:
   args = (config, image_shape, num_classes, FLAGS.steps, FLAGS.warmup, FLAGS.cold_cache)
   try:
     if variant == 'jax':
-      result = run_jax(*args)
+      result = run_jax(*args, compile_only=FLAGS.compile_only)
     else:
       result = run_torch(config, variant, *args[1:], torch_threads=FLAGS.torch_threads)
   except Exception as e:  # pylint: disable=broad-except
@@ -449,6 +463,11 @@ def _format_table(results: dict[str, dict[str, Any]]) -> str:
       note = r.get('skipped') or r['error']
       rows.append((name, '-', '-', '-', '-', note[:100]))
       continue
+    if r.get('compile_only'):
+      note = (f'compile only: trace {r["trace_s"]:.1f} s + compile {r["compile_s"]:.1f} s, XLA '
+              f'temp {r["xla_temp_bytes"] / 2**30:.2f} GiB')
+      rows.append((name, '-', '-', '-', f'{r["peak_rss_mb"]:.0f} (RSS)', note))
+      continue
     peak = r.get('peak_device_mb', r['peak_rss_mb'])
     kind = 'device' if 'peak_device_mb' in r else 'RSS'
     rows.append((name, f'{r["train_images_per_s"]:.1f}', f'{r["inference_images_per_s"]:.1f}',
@@ -470,6 +489,9 @@ def benchmark() -> dict[str, Any]:
                      f'list of {", ".join(VARIANTS)}.')
   notes = []
   skipped = {}
+  if FLAGS.compile_only:
+    variants = ['jax']
+    notes.append('--compile_only: ours only, compiled and not run.')
   if any(v in TORCH_VARIANTS for v in variants):
     import importlib.util  # pylint: disable=g-import-not-at-top
     reason = None
@@ -526,6 +548,7 @@ def benchmark() -> dict[str, Any]:
       'steps': FLAGS.steps,
       'warmup': FLAGS.warmup,
       'cold_cache': FLAGS.cold_cache,
+      'compile_only': FLAGS.compile_only,
       'device': ours.get('device'),
       'torch_device': torch_device,
       'host': {'cpu_count': os.cpu_count(), 'machine': platform.machine(),

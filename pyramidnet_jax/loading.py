@@ -27,7 +27,8 @@ CIFAR10_CLASS_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', '
 # config.model of configs/default.py; a converted model is described with the same fields.
 MODEL_DEFAULTS = {'name': 'pyramidnet', 'depth': 110, 'alpha': 48.0, 'bottleneck': False,
                   'widening': 'additive', 'stem': 'cifar', 'rounding': 'half_up',
-                  'dropout_rate': 0.0, 'remat': False, 'dtype': 'float32'}
+                  'dropout_rate': 0.0, 'remat': False, 'channel_multiple': 1,
+                  'dtype': 'float32'}
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pyramidnet_jax import blocks
 from pyramidnet_jax.conv import Conv
 
 STEMS = ('cifar', 'imagenet')
@@ -33,7 +34,7 @@ IMAGENET_LAYOUTS = {
     200: ((3, 24, 36, 3), True),
 }
 STEM_WIDTH = {'cifar': 16, 'imagenet': 64}
-BOTTLENECK_EXPANSION = 4
+BOTTLENECK_EXPANSION = blocks.BOTTLENECK_EXPANSION
 
 # PyTorch defaults that the authors kept: BN momentum 0.1 (Flax 0.9), epsilon 1e-5.
 BN_MOMENTUM = 0.9
@@ -163,52 +164,6 @@ def validate_call(model: nn.Module, x: jax.Array) -> None:
         'x.transpose(0, 2, 3, 1).')
 
 
-class BasicBlock(nn.Module):
-  """BN -> conv3x3(stride) -> BN -> ReLU -> conv3x3 -> BN, plus the shortcut; no final ReLU."""
-  width: int
-  stride: int = 1
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @property
-  def out_channels(self) -> int:
-    return self.width
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    conv, norm = _conv_and_norm(self, train)
-    y = norm(name='bn1')(x)
-    y = conv(self.width, 3, self.stride, _pad(3), name='conv1')(y)
-    y = nn.relu(norm(name='bn2')(y))
-    y = conv(self.width, 3, padding=_pad(3), name='conv2')(y)
-    y = norm(name='bn3')(y)
-    return y + shortcut(x, self.width, self.stride).astype(y.dtype)
-
-
-class BottleneckBlock(nn.Module):
-  """BN -> 1x1 -> BN -> ReLU -> 3x3(stride) -> BN -> ReLU -> 1x1 (4 * width) -> BN, + shortcut."""
-  width: int
-  stride: int = 1
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @property
-  def out_channels(self) -> int:
-    return self.width * BOTTLENECK_EXPANSION
-
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    conv, norm = _conv_and_norm(self, train)
-    y = norm(name='bn1')(x)
-    y = conv(self.width, 1, name='conv1')(y)
-    y = nn.relu(norm(name='bn2')(y))
-    y = conv(self.width, 3, self.stride, _pad(3), name='conv2')(y)
-    y = nn.relu(norm(name='bn3')(y))
-    y = conv(self.out_channels, 1, name='conv3')(y)
-    y = norm(name='bn4')(y)
-    return y + shortcut(x, self.out_channels, self.stride).astype(y.dtype)
-
-
 def _torch_linear_init(fan_in: int):
   """PyTorch's default nn.Linear init, uniform(+-1/sqrt(fan_in)), for kernel and bias alike."""
   bound = 1.0 / math.sqrt(fan_in)
@@ -234,6 +189,9 @@ class PyramidNet(nn.Module):
     rounding: 'half_up' (floor(w + 0.5), as the authors ran it) or 'half_even' (Python 3 round()).
     dropout_rate: dropout before the classifier (the paper's ImageNet a450 row uses 0.5).
     remat: rematerialise each block in the backward pass (less memory, ~1/3 more compute).
+    channel_multiple: compute each block at its widths rounded up to this multiple (1: exact
+      widths); parameters keep their exact shapes and the padding is inert (blocks.py). Blocks
+      that then share shapes compile faster.
     dtype: computation dtype (e.g. jnp.bfloat16); BN statistics and logits stay float32.
     param_dtype: parameter dtype.
   """
@@ -246,6 +204,7 @@ class PyramidNet(nn.Module):
   rounding: str = 'half_up'
   dropout_rate: float = 0.0
   remat: bool = False
+  channel_multiple: int = 1
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -284,15 +243,17 @@ class PyramidNet(nn.Module):
       x = nn.relu(norm(name='bn1')(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
     out['stem'] = x
-    block_cls = BottleneckBlock if self.bottleneck else BasicBlock
-    if self.remat:
-      block_cls = nn.remat(block_cls, static_argnums=(2,))  # arg 2 is `train` (self is 0).
-    for stage, stage_widths in enumerate(widths):
-      for i, width in enumerate(stage_widths):
-        stride = 2 if stage > 0 and i == 0 else 1
-        x = block_cls(width, stride, dtype=self.dtype, param_dtype=self.param_dtype,
-                      name=f'layer{stage + 1}_{i}')(x, train)
-      out[f'stage{stage + 1}'] = x
+    specs = blocks.block_specs(widths, x.shape[-1], self.bottleneck, self.channel_multiple)
+    updating = train and not self.is_initializing()
+    for spec in specs:
+      variables = blocks.BlockVariables(spec, conv_init, self.param_dtype, name=spec.name).create()
+      x, batch = blocks.run_block(spec, variables, x, train=train, remat=self.remat,
+                                  epsilon=BN_EPSILON, dtype=self.dtype, shortcut=shortcut)
+      if updating:
+        blocks.update_running_stats(variables[1], batch, BN_MOMENTUM)
+      if spec.last_in_stage:
+        out[f'stage{spec.stage}'] = x[..., :spec.out_channels]
+    x = x[..., :specs[-1].out_channels]
     x = nn.relu(norm(name='bn_final')(x))
     out['pooled'] = pooled = jnp.mean(x, axis=(1, 2))
     if return_features:

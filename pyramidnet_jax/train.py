@@ -54,7 +54,7 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> n
   """The network config.model names: PyramidNet, PyConvResNet or PyConvHGResNet.
 
   The PyConv networks read depth, stem, dropout_rate, remat and dtype; alpha, bottleneck,
-  widening and rounding are PyramidNet's only and ignored for them.
+  widening, rounding and channel_multiple are PyramidNet's only and ignored for them.
   """
   if model_config.name not in MODEL_NAMES:
     raise ValueError(f'Unknown config.model.name {model_config.name!r}: expected one of '
@@ -71,7 +71,8 @@ def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> n
       depth=model_config.depth, alpha=model_config.alpha, num_classes=num_classes,
       bottleneck=model_config.bottleneck, widening=model_config.widening, stem=model_config.stem,
       rounding=model_config.rounding, dropout_rate=model_config.dropout_rate,
-      remat=model_config.remat, dtype=DTYPES[model_config.dtype])
+      remat=model_config.remat, channel_multiple=model_config.channel_multiple,
+      dtype=DTYPES[model_config.dtype])
 
 
 def create_learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,

@@ -81,6 +81,19 @@ def test_against_torch_eager(tmp_path, cache_dir):
   assert 'ratio_vs_pytorch' in stdout
 
 
+def test_compile_only_reports_xla_memory_and_runs_no_step(tmp_path, cache_dir):
+  # Torch variants asked for are dropped: --compile_only is ours only.
+  report, stdout = _run(tmp_path, cache_dir, 'jax,torch_eager', '--compile_only',
+                        '--config.model.remat=true', '--config.model.channel_multiple=16')
+  ours = report['jax']
+  _check_positive(ours, ('trace_s', 'compile_s', 'state_creation_s', 'xla_temp_bytes',
+                         'xla_argument_bytes', 'peak_rss_mb', 'num_params'))
+  assert ours['compile_only'] and report['compile_only']
+  assert 'train_images_per_s' not in ours and report['torch'] == {}
+  assert report['model']['remat'] and report['model']['channel_multiple'] == 16
+  assert 'compile only: trace' in stdout and 'XLA temp' in stdout
+
+
 def test_data_spec_reads_no_data():
   config = fashion_mnist_demo.get_config()
   assert benchmark.data_spec(config) == ((28, 28, 1), 10)

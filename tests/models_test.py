@@ -21,7 +21,7 @@ import pytest
 from jax import lax
 
 from pyramidnet_jax import PRESETS, PyramidNet, block_widths, blocks_per_stage, create_model
-from pyramidnet_jax import models
+from pyramidnet_jax import blocks, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -537,6 +537,27 @@ def ref_avg_pool_ceil(x):
   return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
+def reference_block(h, bp, bs, stride, bottleneck, conv=None):
+  """One block from SPEC section 1; `conv(x, kernel, stride, pad)`, symmetric ref_conv default."""
+  conv = conv or ref_conv
+  r = ref_bn(h, bp['bn1'], bs['bn1'])
+  if bottleneck:
+    r = conv(r, bp['conv1']['kernel'], 1, 0)
+    r = jax.nn.relu(ref_bn(r, bp['bn2'], bs['bn2']))
+    r = conv(r, bp['conv2']['kernel'], stride, 1)
+    r = jax.nn.relu(ref_bn(r, bp['bn3'], bs['bn3']))
+    r = conv(r, bp['conv3']['kernel'], 1, 0)
+    r = ref_bn(r, bp['bn4'], bs['bn4'])
+  else:
+    r = conv(r, bp['conv1']['kernel'], stride, 1)
+    r = jax.nn.relu(ref_bn(r, bp['bn2'], bs['bn2']))
+    r = conv(r, bp['conv2']['kernel'], 1, 1)
+    r = ref_bn(r, bp['bn3'], bs['bn3'])
+  short = ref_avg_pool_ceil(h) if stride == 2 else h
+  short = jnp.pad(short, ((0, 0), (0, 0), (0, 0), (0, r.shape[-1] - short.shape[-1])))
+  return r + short  # No ReLU after the addition.
+
+
 def reference_forward_fn(variables, x, stem, bottleneck):
   """Eval-mode PyramidNet written straight from SPEC section 1 (authors' PyTorch semantics)."""
   p, s = variables['params'], variables['batch_stats']
@@ -554,22 +575,7 @@ def reference_forward_fn(variables, x, stem, bottleneck):
     while f'layer{stage}_{i}' in p:
       bp, bs = p[f'layer{stage}_{i}'], s[f'layer{stage}_{i}']
       stride = 2 if stage > 1 and i == 0 else 1
-      r = ref_bn(h, bp['bn1'], bs['bn1'])
-      if bottleneck:
-        r = ref_conv(r, bp['conv1']['kernel'], 1, 0)
-        r = jax.nn.relu(ref_bn(r, bp['bn2'], bs['bn2']))
-        r = ref_conv(r, bp['conv2']['kernel'], stride, 1)
-        r = jax.nn.relu(ref_bn(r, bp['bn3'], bs['bn3']))
-        r = ref_conv(r, bp['conv3']['kernel'], 1, 0)
-        r = ref_bn(r, bp['bn4'], bs['bn4'])
-      else:
-        r = ref_conv(r, bp['conv1']['kernel'], stride, 1)
-        r = jax.nn.relu(ref_bn(r, bp['bn2'], bs['bn2']))
-        r = ref_conv(r, bp['conv2']['kernel'], 1, 1)
-        r = ref_bn(r, bp['bn3'], bs['bn3'])
-      short = ref_avg_pool_ceil(h) if stride == 2 else h
-      short = jnp.pad(short, ((0, 0), (0, 0), (0, 0), (0, r.shape[-1] - short.shape[-1])))
-      h = r + short  # No ReLU after the addition.
+      h = reference_block(h, bp, bs, stride, bottleneck)
       i += 1
     out[f'stage{stage}'] = h
     stage += 1
@@ -627,17 +633,40 @@ def test_single_channel_input_shapes():
   assert SMALL_NETS['cifar_bottleneck'][1][-1] == 1
 
 
-def test_strided_convs_pad_symmetrically():
+def model_block(name: str, layer: str, channel_multiple: int = 1):
+  """(our block's eval output, its input, its variables) for one block of a SMALL_NETS net."""
+  model, variables, _ = small_net(name)
+  spec = {s.name: s for s in blocks.block_specs(model.widths, models.STEM_WIDTH[model.stem],
+                                                model.bottleneck, channel_multiple)}[layer]
+  stage = int(layer[5:].split('_')[0])
+  block_in = eval_run(name)[1]['stem' if stage == 1 else f'stage{stage - 1}']
+  bp, bs = variables['params'][layer], variables['batch_stats'][layer]
+  out = _padded_block(spec, bp, bs, block_in)
+  return out[..., :spec.out_channels], block_in, bp, bs
+
+
+@functools.partial(jit, static_argnames=('spec',))
+def _padded_block(spec, bp, bs, x):
+  class Holder:  # The .value interface of the flax Variables a model passes.
+    def __init__(self, value):
+      self.value = value
+  stats = {layer: {n: Holder(v) for n, v in layer_stats.items()} for layer, layer_stats in bs.items()}
+  params, stats = blocks.padded_block_variables(spec, bp, stats)
+  x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, spec.padded_in - x.shape[-1])))
+  y, _ = blocks.block(params, stats, x, spec=spec, train=False, epsilon=models.BN_EPSILON,
+                      dtype=jnp.float32, shortcut=models.shortcut)
+  return y
+
+
+@pytest.mark.parametrize('channel_multiple', [1, 16])
+def test_strided_convs_pad_symmetrically(channel_multiple):
   # CIFAR basic block at stride 2 on a 32 x 33 input: pad (1, 1) on both axes; 'SAME' would pad
   # the even axis (0, 1).
-  _, variables, _ = small_net('cifar_basic')
-  _, _, inter = eval_run('cifar_basic')
-  block_in = inter['layer2_0']['bn1']['__call__'][0]
-  got = inter['layer2_0']['conv1']['__call__'][0]
-  kernel = variables['params']['layer2_0']['conv1']['kernel']
-  assert got.shape == (4, 16, 17, 24)
-  assert_close_scaled(got, ref_conv(block_in, kernel, 2, 1), 1e-5)
-  assert not np.allclose(got, same_conv(block_in, kernel, 2), atol=1e-2)
+  got, block_in, bp, bs = model_block('cifar_basic', 'layer2_0', channel_multiple)
+  assert block_in.shape == (4, 32, 33, 20) and got.shape == (4, 16, 17, 24)
+  assert_close_scaled(got, reference_block(block_in, bp, bs, 2, False), 1e-5)
+  same = reference_block(block_in, bp, bs, 2, False, lambda x, k, s, _: same_conv(x, k, s))
+  assert not np.allclose(got, same, atol=1e-2)
   # ImageNet stem: 7x7 stride 2 on 64 x 65 pads (3, 3); 'SAME' would pad the even axis (2, 3).
   _, variables, x = small_net('imagenet_basic')
   _, _, inter = eval_run('imagenet_basic')
@@ -648,17 +677,21 @@ def test_strided_convs_pad_symmetrically():
   assert not np.allclose(got, same_conv(x, kernel, 2), atol=1e-2)
 
 
-def test_bottleneck_strides_on_the_3x3_conv():
-  _, variables, _ = small_net('cifar_bottleneck')
-  _, _, inter = eval_run('cifar_bottleneck')
-  block = inter['layer2_0']
-  assert block['bn1']['__call__'][0].shape == (4, 31, 32, 80)
-  assert block['conv1']['__call__'][0].shape == (4, 31, 32, 24)
-  assert block['conv2']['__call__'][0].shape == (4, 16, 16, 24)
-  assert block['conv3']['__call__'][0].shape == (4, 16, 16, 96)
-  conv2_in = jax.nn.relu(block['bn2']['__call__'][0])
-  kernel = variables['params']['layer2_0']['conv2']['kernel']
-  assert_close_scaled(block['conv2']['__call__'][0], ref_conv(conv2_in, kernel, 2, 1), 1e-5)
+@pytest.mark.parametrize('channel_multiple', [1, 16])
+def test_bottleneck_strides_on_the_3x3_conv(channel_multiple):
+  got, block_in, bp, bs = model_block('cifar_bottleneck', 'layer2_0', channel_multiple)
+  assert block_in.shape == (4, 31, 32, 80) and got.shape == (4, 16, 16, 96)
+  assert_close_scaled(got, reference_block(block_in, bp, bs, 2, True), 1e-5)
+
+  def conv_striding_the_first_1x1(x, kernel, stride, pad):
+    if kernel.shape[0] == 3:
+      stride = 1
+    elif x.shape[-1] == 80:  # conv1, the block's first 1x1.
+      stride = 2
+    return ref_conv(x, kernel, stride, pad)
+
+  wrong = reference_block(block_in, bp, bs, 2, True, conv_striding_the_first_1x1)
+  assert wrong.shape == got.shape and not np.allclose(got, wrong, atol=1e-2)
 
 
 @functools.partial(jit, static_argnames=('model',))
@@ -805,6 +838,53 @@ def test_remat_is_exact():
   np.testing.assert_allclose(remat_logits, logits, rtol=1e-6, atol=1e-6)
   for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()) + 1e-12)
+
+
+@pytest.mark.parametrize('name', list(SMALL_NETS))
+@pytest.mark.parametrize('channel_multiple', [8, 32])
+def test_channel_padding_is_inert(name, channel_multiple):
+  """Padded widths: the same variables, and the same outputs, gradients and statistics."""
+  model, variables, x = small_net(name)
+  padded, _, _ = small_net(name, channel_multiple=channel_multiple)
+  abstract = jax.eval_shape(padded.init, rng(), jax.ShapeDtypeStruct(x.shape, x.dtype))
+  assert jax.tree.map(lambda a: a.shape, abstract) == jax.tree.map(jnp.shape, variables)
+  # Padding must really happen here for the test to mean anything.
+  specs = blocks.block_specs(padded.widths, models.STEM_WIDTH[padded.stem], padded.bottleneck,
+                             channel_multiple)
+  assert any(s.padded_width > s.width for s in specs)
+  assert all(s.padded_width % channel_multiple == 0 for s in specs)
+
+  def run(m):
+    logits, updates, features, eval_logits, _ = train_and_eval(m, variables, x)
+    args = (variables['params'], variables['batch_stats'], x, labels_for(x), True)
+    (loss, _), grads = model_grads(m, *args)
+    return logits, updates, features, eval_logits, loss, grads
+
+  want, got = run(model), run(padded)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for (key, a), (_, b) in zip(leaf_items(got), leaf_items(want)):
+    assert a.shape == b.shape, key
+    # Scaled to each leaf; the floor covers the biases whose gradient is rounding noise (~1e-8).
+    scale = max(float(np.abs(b).max()), 1e-2)
+    np.testing.assert_allclose(a, b, rtol=0, atol=2e-5 * scale, err_msg=key)
+
+
+@pytest.mark.parametrize('bad', [0, -16, 1.5, True, '16'])
+def test_channel_multiple_is_checked(bad):
+  model, _, x = small_net('cifar_basic')
+  with pytest.raises(ValueError, match='channel_multiple must be an int >= 1'):
+    PyramidNet(depth=8, alpha=12, num_classes=10, channel_multiple=bad).init(rng(), x[:1])
+
+
+def test_padded_blocks_share_shapes():
+  # PyramidNet-110 a48: 54 blocks of 48 different shapes; at widths rounded up to multiples of
+  # 16 they have 5, which is what shortens the compile (docs/benchmarks.md).
+  widths = block_widths(110, 48)
+  def shapes(multiple):
+    return {(s.stride, s.padded_in, s.padded_width)
+            for s in blocks.block_specs(widths, 16, False, multiple)}
+  assert len({w for stage in widths for w in stage}) == 48
+  assert len(shapes(1)) == 48 and len(shapes(16)) == 5
 
 
 def test_bfloat16():
