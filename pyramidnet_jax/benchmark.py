@@ -183,13 +183,14 @@ def run_jax(config, image_shape, num_classes, steps: int, warmup: int,
   t2 = time.perf_counter()
   # ru_maxrss only grows: this tells XLA's compile peak apart from the steps'.
   peak_rss_compile = _peak_rss_mb()
-  if compile_only:
-    return {'compile_only': True, 'trace_s': t1 - t0, 'compile_s': t2 - t1,
-            'state_creation_s': state_creation_s, 'num_params': num_params,
+  common = {'state_creation_s': state_creation_s, 'num_params': num_params,
             'compilation_cache': cache, **_xla_memory(step.memory_analysis()),
-            'peak_rss_mb': peak_rss_compile, 'rss_after_imports_mb': rss_imports,
+            'rss_after_imports_mb': rss_imports,
             'device': f'{devices[0].device_kind} x{len(devices)}',
             'platform': devices[0].platform}
+  if compile_only:
+    return {'compile_only': True, 'trace_s': t1 - t0, 'compile_s': t2 - t1,
+            'peak_rss_mb': peak_rss_compile, **common}
   state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))
   t3 = time.perf_counter()
@@ -207,7 +208,6 @@ def run_jax(config, image_shape, num_classes, steps: int, warmup: int,
     jax.block_until_ready((state, metrics))
     train_times.append(time.perf_counter() - t)
 
-  memory = step.memory_analysis()
   device_peak = None
   stats = devices[0].memory_stats() if hasattr(devices[0], 'memory_stats') else None
   if stats and 'peak_bytes_in_use' in stats:
@@ -231,20 +231,14 @@ def run_jax(config, image_shape, num_classes, steps: int, warmup: int,
       'train_images_per_s': _median_rate(train_times, batch_size),
       'inference_images_per_s': _median_rate(infer_times, batch_size),
       **first_step,
-      'state_creation_s': state_creation_s,
       'inference_compile_s': inference_compile_s,
       'train_step_times_s': train_times,
       'inference_step_times_s': infer_times,
       'first_loss': first_loss,
-      'num_params': num_params,
-      'compilation_cache': cache,
-      **_xla_memory(memory),
       'peak_rss_mb': _peak_rss_mb(),
       'peak_rss_train_mb': peak_rss_train,
       'peak_rss_after_compile_mb': peak_rss_compile,
-      'rss_after_imports_mb': rss_imports,
-      'device': f'{devices[0].device_kind} x{len(devices)}',
-      'platform': devices[0].platform,
+      **common,
   }
   if device_peak is not None:
     result['peak_device_mb'] = device_peak / 2**20

@@ -58,7 +58,7 @@ class BlockSpec:
     return self.padded_width * BOTTLENECK_EXPANSION if self.bottleneck else self.padded_width
 
   def variable_shapes(self, padded: bool) -> dict[str, dict[str, tuple[int, ...]]]:
-    """{layer: {'kernel': HWIO} or {'features': (C,)}} for each conv and BN of the block."""
+    """{layer: shape}: HWIO for each conv, (channels,) for each BN of the block."""
     cin, w, out = ((self.padded_in, self.padded_width, self.padded_out) if padded
                    else (self.in_channels, self.width, self.out_channels))
     if self.bottleneck:
@@ -157,10 +157,30 @@ class BlockVariables(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 
-def _pad_to(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+def shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array:
+  """The parameter-free shortcut: 2x2 average pool when strided, then zero channels appended.
+
+  The pool is PyTorch's AvgPool2d(2, 2, ceil_mode=True): on an odd size the last window is
+  partial and averages only the pixels it covers, matching the ceil(n / 2) of the strided conv.
+  """
+  if stride == 2:
+    pad = ((0, x.shape[1] % 2), (0, x.shape[2] % 2))
+    x = nn.avg_pool(x, (2, 2), (2, 2), padding=pad, count_include_pad=False)
+  elif stride != 1:
+    raise ValueError(f'stride must be 1 or 2, got {stride}.')
+  extra = out_channels - x.shape[-1]
+  if extra < 0:
+    raise ValueError(f'shortcut cannot shrink {x.shape[-1]} channels to {out_channels}.')
+  if extra:
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
+  return x
+
+
+def _pad_to(a: jax.Array, shape: tuple[int, ...], value: float = 0.0) -> jax.Array:
   if a.shape == shape:
     return a
-  return jnp.pad(a, [(0, target - size) for size, target in zip(a.shape, shape)])
+  return jnp.pad(a, [(0, target - size) for size, target in zip(a.shape, shape)],
+                 constant_values=value)
 
 
 def padded_block_variables(spec: BlockSpec, params, stats) -> tuple[dict, dict]:
@@ -171,9 +191,7 @@ def padded_block_variables(spec: BlockSpec, params, stats) -> tuple[dict, dict]:
   # Padded running variances are 1, not 0: their channels are scaled by 0 either way, and 1
   # keeps rsqrt(var + eps) small.
   padded_stats = {layer: {'mean': _pad_to(v['mean'].value, shapes[layer]),
-                          'var': jnp.pad(v['var'].value,
-                                         (0, shapes[layer][0] - v['var'].value.shape[0]),
-                                         constant_values=1.0)}
+                          'var': _pad_to(v['var'].value, shapes[layer], 1.0)}
                   for layer, v in stats.items()}
   return padded_params, padded_stats
 
@@ -193,13 +211,7 @@ def batch_norm(x: jax.Array, params, stats, train: bool, epsilon: float, dtype):
   return jnp.asarray(y, dtype), batch
 
 
-def _same(kernel: int):
-  p = kernel // 2
-  return ((p, p), (p, p))
-
-
-def block(params, stats, x, *, spec: BlockSpec, train: bool, epsilon: float, dtype,
-          shortcut: Callable[[jax.Array, int, int], jax.Array]):
+def block(params, stats, x, *, spec: BlockSpec, train: bool, epsilon: float, dtype):
   """One block on padded arrays: (output, {bn layer: (batch mean, batch var)} or None)."""
   batch = {}
 
@@ -209,7 +221,7 @@ def block(params, stats, x, *, spec: BlockSpec, train: bool, epsilon: float, dty
 
   def convolve(y, layer, stride=1):
     kernel = params[layer]['kernel']
-    return conv.conv2d(y.astype(dtype), kernel.astype(dtype), stride, _same(kernel.shape[0]))
+    return conv.conv2d(y.astype(dtype), kernel.astype(dtype), stride, conv.symmetric_padding(kernel.shape[0]))
 
   y = norm(x, 'bn1')
   if spec.bottleneck:
@@ -224,10 +236,9 @@ def block(params, stats, x, *, spec: BlockSpec, train: bool, epsilon: float, dty
 
 
 def run_block(spec: BlockSpec, variables: tuple[dict, dict], x: jax.Array, *, train: bool,
-              remat: bool, epsilon: float, dtype, shortcut):
+              remat: bool, epsilon: float, dtype):
   """A block on its exact variables and a padded input: (padded output, batch stats or None)."""
-  body = functools.partial(block, spec=spec, train=train, epsilon=epsilon, dtype=dtype,
-                           shortcut=shortcut)
+  body = functools.partial(block, spec=spec, train=train, epsilon=epsilon, dtype=dtype)
   if remat:
     body = jax.checkpoint(body)
   params, stats = padded_block_variables(spec, *variables)

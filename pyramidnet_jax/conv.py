@@ -40,6 +40,13 @@ def _matmul_weight_grad(x, dy, kernel_shape, stride, padding):
   return jnp.stack(taps).reshape(kernel_shape)
 
 
+def symmetric_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  # Explicit symmetric padding (PyTorch semantics); Flax 'SAME' pads (0, 1) for even inputs at
+  # stride 2, which would silently break parity with the authors' weights.
+  p = kernel // 2
+  return ((p, p), (p, p))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
   """NHWC x HWIO convolution with explicit padding; same values and gradients as lax's."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from pyramidnet_jax import blocks
 from pyramidnet_jax.conv import Conv
+from pyramidnet_jax.conv import symmetric_padding as _pad
 
 STEMS = ('cifar', 'imagenet')
 WIDENINGS = ('additive', 'multiplicative')
@@ -106,39 +107,13 @@ def block_widths(depth: int, alpha: float, bottleneck: bool = False, widening: s
   step = alpha / num_blocks
   ratio = alpha ** (1.0 / num_blocks)
   widths = []
-  for blocks in layout:
+  for stage_blocks in layout:
     stage = []
-    for _ in range(blocks):
+    for _ in range(stage_blocks):
       acc = acc + step if widening == 'additive' else acc * ratio
       stage.append(_round(acc, rounding))
     widths.append(tuple(stage))
   return tuple(widths)
-
-
-def _pad(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  # Explicit symmetric padding (PyTorch semantics); Flax 'SAME' pads (0, 1) for even inputs at
-  # stride 2, which would silently break parity with the authors' weights.
-  p = kernel // 2
-  return ((p, p), (p, p))
-
-
-def shortcut(x: jax.Array, out_channels: int, stride: int) -> jax.Array:
-  """The parameter-free shortcut: 2x2 average pool when strided, then zero channels appended.
-
-  The pool is PyTorch's AvgPool2d(2, 2, ceil_mode=True): on an odd size the last window is
-  partial and averages only the pixels it covers, matching the ceil(n / 2) of the strided conv.
-  """
-  if stride == 2:
-    pad = ((0, x.shape[1] % 2), (0, x.shape[2] % 2))
-    x = nn.avg_pool(x, (2, 2), (2, 2), padding=pad, count_include_pad=False)
-  elif stride != 1:
-    raise ValueError(f'stride must be 1 or 2, got {stride}.')
-  extra = out_channels - x.shape[-1]
-  if extra < 0:
-    raise ValueError(f'shortcut cannot shrink {x.shape[-1]} channels to {out_channels}.')
-  if extra:
-    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, extra)))
-  return x
 
 
 def _conv_and_norm(module: nn.Module, train: bool):
@@ -248,7 +223,7 @@ class PyramidNet(nn.Module):
     for spec in specs:
       variables = blocks.BlockVariables(spec, conv_init, self.param_dtype, name=spec.name).create()
       x, batch = blocks.run_block(spec, variables, x, train=train, remat=self.remat,
-                                  epsilon=BN_EPSILON, dtype=self.dtype, shortcut=shortcut)
+                                  epsilon=BN_EPSILON, dtype=self.dtype)
       if updating:
         blocks.update_running_stats(variables[1], batch, BN_MOMENTUM)
       if spec.last_in_stage:

@@ -125,9 +125,9 @@ def reference_accumulator(layout, start, alpha, widening='additive'):
   total = sum(layout)
   acc = float(start)
   stages = []
-  for blocks in layout:
+  for stage_blocks in layout:
     stage = []
-    for _ in range(blocks):
+    for _ in range(stage_blocks):
       if widening == 'additive':
         acc += alpha / total
       else:
@@ -409,7 +409,7 @@ def numpy_avg_pool_ceil(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize('size', [4, 5])
 def test_shortcut_stride_2_by_hand(size):
   x = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(np.float32)
-  got = np.asarray(models.shortcut(jnp.asarray(x), 5, 2))
+  got = np.asarray(blocks.shortcut(jnp.asarray(x), 5, 2))
   half = -(-size // 2)
   assert got.shape == (2, half, half, 5)
   pooled = numpy_avg_pool_ceil(x)
@@ -426,19 +426,19 @@ def test_shortcut_stride_2_by_hand(size):
 
 def test_shortcut_stride_1_only_pads():
   x = np.random.default_rng(0).normal(size=(2, 5, 5, 3)).astype(np.float32)
-  got = np.asarray(models.shortcut(jnp.asarray(x), 5, 1))
+  got = np.asarray(blocks.shortcut(jnp.asarray(x), 5, 1))
   assert got.shape == (2, 5, 5, 5)
   np.testing.assert_array_equal(got[..., :3], x)
   np.testing.assert_array_equal(got[..., 3:], 0)
-  np.testing.assert_array_equal(np.asarray(models.shortcut(jnp.asarray(x), 3, 1)), x)
+  np.testing.assert_array_equal(np.asarray(blocks.shortcut(jnp.asarray(x), 3, 1)), x)
 
 
 def test_shortcut_rejects_bad_arguments():
   x = jnp.zeros((1, 4, 4, 3))
   with pytest.raises(ValueError, match='stride must be 1 or 2'):
-    models.shortcut(x, 5, 3)
+    blocks.shortcut(x, 5, 3)
   with pytest.raises(ValueError, match='cannot shrink 3 channels to 2'):
-    models.shortcut(x, 2, 1)
+    blocks.shortcut(x, 2, 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,7 +654,7 @@ def _padded_block(spec, bp, bs, x):
   params, stats = blocks.padded_block_variables(spec, bp, stats)
   x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, spec.padded_in - x.shape[-1])))
   y, _ = blocks.block(params, stats, x, spec=spec, train=False, epsilon=models.BN_EPSILON,
-                      dtype=jnp.float32, shortcut=models.shortcut)
+                      dtype=jnp.float32)
   return y
 
 
