@@ -23,8 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.remat = False
   # PyramidNet computes each block at its widths rounded up to this multiple (1: exact widths).
   # Parameters keep their exact shapes and results change only at float rounding level
-  # (pyramidnet_jax/blocks.py); 16 compiles faster (docs/benchmarks.md, "Levers tried").
-  config.model.channel_multiple = 16
+  # (pyramidnet_jax/blocks.py). 16 compiles deep nets faster but trained the small demo net 1.5x
+  # slower on CPU (docs/benchmarks.md, "Levers tried"), so it is opt-in.
+  config.model.channel_multiple = 1
   config.model.dtype = 'float32'  # 'float32' | 'bfloat16' (computation; params stay float32)
 
   # Data.
