@@ -76,8 +76,9 @@ def block_specs(widths: tuple[tuple[int, ...], ...], stem_width: int, bottleneck
                 channel_multiple: int) -> list[BlockSpec]:
   """The blocks of a network, stage by stage; stride 2 opens every stage but the first.
 
-  A stride-1 block takes its input padded to its own output width (the shortcut appends zero
-  channels there anyway), so that it has the very shapes of the blocks before it of equal width.
+  With padding on, a stride-1 block takes its input padded to its own output width (the
+  shortcut appends zero channels there anyway), so that it has the very shapes of the blocks
+  before it of equal padded width. With channel_multiple 1 nothing is padded.
   """
   if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) \
       or channel_multiple < 1:
@@ -91,7 +92,7 @@ def block_specs(widths: tuple[tuple[int, ...], ...], stem_width: int, bottleneck
       padded_width = round_up(width, channel_multiple)
       spec = BlockSpec(stage + 1, i, i == len(stage_widths) - 1, stride, channels, width,
                        bottleneck, padded_in=padded, padded_width=padded_width)
-      if stride == 1:
+      if stride == 1 and channel_multiple > 1:
         spec = dataclasses.replace(spec, padded_in=spec.padded_out)
       specs.append(spec)
       channels, padded = spec.out_channels, spec.padded_out

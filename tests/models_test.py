@@ -877,14 +877,18 @@ def test_channel_multiple_is_checked(bad):
 
 
 def test_padded_blocks_share_shapes():
-  # PyramidNet-110 a48: 54 blocks of 48 different shapes; at widths rounded up to multiples of
-  # 16 they have 5, which is what shortens the compile (docs/benchmarks.md).
+  # PyramidNet-110 a48: 54 blocks, 48 different widths, and at exact widths no two blocks share
+  # their shapes; at widths rounded up to multiples of 16 they have 5 shapes between them, which
+  # is what shortens the compile (docs/benchmarks.md).
   widths = block_widths(110, 48)
   def shapes(multiple):
     return {(s.stride, s.padded_in, s.padded_width)
             for s in blocks.block_specs(widths, 16, False, multiple)}
   assert len({w for stage in widths for w in stage}) == 48
-  assert len(shapes(1)) == 48 and len(shapes(16)) == 5
+  assert len(shapes(1)) == 54 and len(shapes(16)) == 5
+  # channel_multiple 1 pads nothing: the exact network's computation.
+  assert all((s.padded_in, s.padded_width) == (s.in_channels, s.width)
+             for s in blocks.block_specs(widths, 16, False, 1))
 
 
 def test_bfloat16():
