@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pyramidnet_jax import conv
+from pyramidnet_jax.remat import rematerialised
 
 BOTTLENECK_EXPANSION = 4
 
@@ -234,41 +235,6 @@ def block(params, stats, x, *, spec: BlockSpec, train: bool, epsilon: float, dty
     y = norm(convolve(y, 'conv2'), 'bn3')
   y = y + shortcut(x, spec.padded_out, spec.stride).astype(y.dtype)
   return y, (batch if train else None)
-
-
-def rematerialised(body: Callable) -> Callable:
-  """`body(params, stats, x)` that saves only its arguments and recomputes the rest backward.
-
-  This is jax.checkpoint's saving made to hold on XLA:CPU. jax.checkpoint keeps the
-  recomputation apart from the forward pass with optimization barriers, but XLA:CPU removes
-  barriers before fusion and scheduling; common-subexpression elimination then merges the
-  recomputation back into the forward pass, and the forward activations stay alive (measured in
-  docs/benchmarks.md, "Memory"). Data dependencies survive every pass: the recomputation reads
-  its input as x + 0 * (an element of the block's output cotangent), so it can neither merge with
-  the forward pass nor run before the backward pass reaches the block; and the input gradient
-  carries + 0 * (the weight gradients' first elements), so the block's weight gradients, and with
-  them its recomputed activations, are done before the previous block's backward starts. Adding
-  zero is exact for finite values; a non-finite gradient turns these into NaN, which the NaN check
-  at log time reports.
-  """
-
-  @jax.custom_vjp
-  def rematerialised_body(params, stats, x):
-    return body(params, stats, x)
-
-  def forward(params, stats, x):
-    return body(params, stats, x), (params, stats, x)
-
-  def backward(saved, cotangent):
-    params, stats, x = saved
-    output_cotangent = jax.tree.leaves(cotangent)[0]
-    x = x + 0 * output_cotangent.reshape(-1)[0].astype(x.dtype)
-    dparams, dstats, dx = jax.vjp(body, params, stats, x)[1](cotangent)
-    weight_grads = sum(g.reshape(-1)[0] for g in jax.tree.leaves(dparams))
-    return dparams, dstats, dx + 0 * weight_grads.astype(dx.dtype)
-
-  rematerialised_body.defvjp(forward, backward)
-  return rematerialised_body
 
 
 def run_block(spec: BlockSpec, variables: tuple[dict, dict], x: jax.Array, *, train: bool,

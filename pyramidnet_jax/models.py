@@ -163,7 +163,7 @@ class PyramidNet(nn.Module):
     stem: 'cifar' (3x3 conv, 3 stages) or 'imagenet' (7x7/2 conv + max pool, 4 stages).
     rounding: 'half_up' (floor(w + 0.5), as the authors ran it) or 'half_even' (Python 3 round()).
     dropout_rate: dropout before the classifier (the paper's ImageNet a450 row uses 0.5).
-    remat: rematerialise each block in the backward pass (blocks.rematerialised): a 10x
+    remat: rematerialise each block in the backward pass (pyramidnet_jax/remat.py): a 10x
       smaller XLA temp buffer for 8% less training speed (110 a48, CPU; docs/benchmarks.md).
     channel_multiple: compute each block at its widths rounded up to this multiple (1: exact
       widths); parameters keep their exact shapes and the padding is inert (blocks.py). Blocks
