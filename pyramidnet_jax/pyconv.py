@@ -21,13 +21,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pyramidnet_jax import remat
 from pyramidnet_jax.models import _check_choice
 from pyramidnet_jax.models import _conv_and_norm
 from pyramidnet_jax.models import _pad
 from pyramidnet_jax.models import _torch_linear_init
 from pyramidnet_jax.models import conv_init
 from pyramidnet_jax.models import validate_call
-from pyramidnet_jax import remat
 
 STEMS = ('imagenet', 'cifar')
 STEM_WIDTH = 64
@@ -293,12 +293,12 @@ class _PyConvNet(nn.Module):
       for i in range(blocks):
         # The ImageNet stem has no max-pool: every stage strides, the first included.
         stride = 2 if i == 0 and (stage > 0 or self.stem == 'imagenet') else 1
-        fields = dict(planes=self.PLANES[stage], kernels=STAGE_KERNELS[stage],
-                      divisors=STAGE_DIVISORS[stage], groups=self.GROUPS[stage], stride=stride,
-                      dtype=self.dtype, param_dtype=self.param_dtype, **extra)
-        block = block_cls(**fields, name=f'layer{stage + 1}_{i}')
+        block = block_cls(planes=self.PLANES[stage], kernels=STAGE_KERNELS[stage],
+                          divisors=STAGE_DIVISORS[stage], groups=self.GROUPS[stage],
+                          stride=stride, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=f'layer{stage + 1}_{i}', **extra)
         if self.remat:
-          x = remat.rematerialised_call(block, block_cls(**fields, parent=None), x, train)
+          x = remat.rematerialised_call(block, x, train)
         else:
           x = block(x, train)
       out[f'stage{stage + 1}'] = x

@@ -14,6 +14,7 @@ turns these into NaN, which the NaN check at log time reports.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -43,19 +44,17 @@ def rematerialised(body: Callable) -> Callable:
   def forward(params, stats, x):
     return body(params, stats, x), (params, stats, x)
 
-  rematerialised_body.defvjp(forward, lambda saved, cotangent: _recompute_vjp(body, saved,
-                                                                              cotangent))
+  rematerialised_body.defvjp(forward, functools.partial(_recompute_vjp, body))
   return rematerialised_body
 
 
-def rematerialised_call(module: nn.Module, definition: nn.Module, x: jax.Array,
-                        train: bool) -> jax.Array:
+def rematerialised_call(module: nn.Module, x: jax.Array, train: bool) -> jax.Array:
   """`module(x, train)` for a Linen block, rematerialised as above.
 
-  `definition` is the same block unbound (constructed with parent=None): the backward pass has
-  no scope, so it recomputes the block by applying `definition` to the saved variables. Batch
-  statistics update as in `module(x, train)`.
+  The backward pass has no scope, so it recomputes the block by applying an unbound copy of it to
+  the saved variables. Batch statistics update as in `module(x, train)`.
   """
+  definition = module.clone(parent=None)
 
   def call(block, x):
     return block(x, train)

@@ -22,13 +22,12 @@ from jax import lax
 
 from pyramidnet_jax import PRESETS, PyramidNet, block_widths, blocks_per_stage, create_model
 from pyramidnet_jax import blocks, models
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# Test programs are tiny, so XLA's backend optimisations cost far more than they save: this cuts
-# the CPU compile time of each test program by about a third.
-jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+jit = helpers.jit
 
 
 def rng(seed: int = 0) -> jax.Array:
@@ -854,16 +853,8 @@ def test_remat_cuts_the_compiled_training_memory():
   x = jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32)
 
   def temp_bytes(remat):
-    model = PyramidNet(depth=20, alpha=24, num_classes=10, remat=remat)
-    variables = jax.eval_shape(model.init, rng(), x)
-
-    def loss(params, batch_stats, x):
-      logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
-                              mutable=['batch_stats'])
-      return logits.sum()
-    compiled = jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'],
-                                         x).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return helpers.gradient_temp_bytes(
+        PyramidNet(depth=20, alpha=24, num_classes=10, remat=remat), x)
 
   assert temp_bytes(remat=True) * 2 < temp_bytes(remat=False)
 

@@ -5,8 +5,6 @@ the compiled network is PyConvResNet-18 with our small-image stem (one training 
 images, and remat's gradient and memory), compiled at XLA optimisation level 0.
 """
 
-import functools
-
 import numpy as np
 import pytest
 
@@ -22,7 +20,7 @@ from pyramidnet_jax import pyconv
 from pyramidnet_jax import train
 from tests import helpers
 
-jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
+jit = helpers.jit
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 
@@ -260,16 +258,8 @@ def test_remat_cuts_the_compiled_training_memory():
   x = jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.float32)
 
   def temp_bytes(remat):
-    model = PyConvResNet(depth=18, num_classes=10, stem='cifar', remat=remat)
-    variables = jax.eval_shape(model.init, jax.random.key(0), x)
-
-    def loss(params, batch_stats, x):
-      logits, _ = model.apply({'params': params, 'batch_stats': batch_stats}, x, train=True,
-                              mutable=['batch_stats'])
-      return logits.sum()
-    compiled = jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'],
-                                         x).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return helpers.gradient_temp_bytes(
+        PyConvResNet(depth=18, num_classes=10, stem='cifar', remat=remat), x)
 
   assert temp_bytes(remat=True) < 0.8 * temp_bytes(remat=False)
 
