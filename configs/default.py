@@ -78,5 +78,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.progress_bar = True
   config.write_report = True  # At the end: WORKDIR/report/ (pyramidnet_jax.evaluate's report).
   config.compilation_cache_dir = '~/.cache/pyramidnet_jax/xla'  # '' turns the cache off.
+  # Convolutions on CPU: 'auto' (oneDNN's, built on first use, where a C++ compiler and oneDNN
+  # are at hand; else XLA's, several times slower), 'onednn' (or an error saying what is
+  # missing), 'xla'. Same results to float rounding; pyramidnet_jax/conv.py.
+  config.cpu_conv = 'auto'
+  # XLA:CPU's concurrency-optimised scheduler (its default) keeps more buffers alive to run
+  # independent ops side by side; off, the train step needs several times less memory and runs
+  # as fast or faster on CPU (docs/benchmarks.md). Other platforms ignore it.
+  config.xla_cpu_concurrency_scheduler = False
 
   return config

@@ -145,6 +145,7 @@ def run_jax(config, image_shape, num_classes, steps: int, warmup: int,
   import jax  # pylint: disable=g-import-not-at-top
   from pyramidnet_jax import train  # pylint: disable=g-import-not-at-top
 
+  train.configure_xla_cpu(config)
   if cold_cache:
     jax.config.update('jax_enable_compilation_cache', False)
     cache = 'off'

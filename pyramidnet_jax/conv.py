@@ -1,10 +1,15 @@
-"""A 2-D convolution whose weight gradient is computed as matmuls on CPU.
+"""The networks' 2-D convolution: oneDNN's on CPU where it is available, XLA's elsewhere.
 
-XLA's CPU weight-gradient convolution is slow at PyramidNet's odd widths (measured on a 2-core
-CPU, batch 128, 28x28, 3x3: 17 channels 313 ms, 49 channels 1342 ms, against 52 ms at 16), while
-its forward and input-gradient convolutions are fine. The weight gradient is a sum over taps of
-(shifted input)^T @ (output gradient), which XLA runs as fast dense matmuls, so on CPU we compute
-it that way; other backends keep XLA's own rule. Parameters keep nn.Conv's name and layout.
+XLA's CPU convolutions are slow at PyramidNet's odd widths (batch 64, 32x32, 24 channels, 3x3,
+on a 2-core AVX-512 CPU: forward 5.3 ms, input gradient 6.1 ms, weight gradient 49 ms, against
+oneDNN's 2.7, 2.6 and 2.8 ms; docs/benchmarks.md). So on CPU, for float32 on a single device,
+`conv2d` calls oneDNN through XLA FFI (pyramidnet_jax/onednn.py), forward and backward. Where
+oneDNN cannot be built (no compiler or library: onednn.status() says why), XLA's convolutions
+run, with the weight gradient as a sum over taps of (shifted input)^T @ (output gradient),
+dense matmuls that XLA runs faster than its own rule. On several devices XLA's are used too:
+the SPMD partitioner would replicate an FFI call over the whole batch. Other platforms always
+use XLA's own rules. All backends compute the same convolution, to float rounding.
+Parameters keep nn.Conv's name and layout.
 """
 
 from __future__ import annotations
@@ -12,10 +17,16 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pyramidnet_jax import onednn
+
+CPU_BACKENDS = ('auto', 'onednn', 'xla')
+_cpu_backend = 'auto'
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
@@ -47,14 +58,61 @@ def symmetric_padding(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((p, p), (p, p))
 
 
+def set_cpu_backend(name: str) -> None:
+  """Which convolutions CPU computations traced from now on use (config.cpu_conv).
+
+  'auto' (the default): oneDNN's where it can be built, else XLA's; 'onednn': oneDNN's, or a
+  ValueError saying what is missing; 'xla': XLA's.
+  """
+  global _cpu_backend
+  if name not in CPU_BACKENDS:
+    raise ValueError(f'Unknown CPU convolution backend {name!r}: expected one of '
+                     f'{", ".join(map(repr, CPU_BACKENDS))}.')
+  if name == 'onednn':
+    try:
+      onednn.load()
+    except onednn.OnednnUnavailableError as e:
+      raise ValueError(f'config.cpu_conv=\'onednn\' but {e} Or use \'xla\'.') from e
+  _cpu_backend = name
+
+
+def cpu_backend() -> str:
+  return _cpu_backend
+
+
+@functools.cache
+def _warn_unavailable(reason: str) -> None:
+  logging.warning('Using XLA\'s CPU convolutions, several times slower than oneDNN\'s: %s',
+                  reason)
+
+
+def _uses_onednn(x: jax.Array, padding: Padding) -> bool:
+  symmetric = padding[0][0] == padding[0][1] == padding[1][0] == padding[1][1]
+  if (_cpu_backend == 'xla' or x.dtype != jnp.float32 or not symmetric
+      or jax.default_backend() != 'cpu' or jax.device_count() > 1):
+    return False
+  reason = onednn.status()
+  if reason is not None:
+    _warn_unavailable(reason)
+  return reason is None
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
   """NHWC x HWIO convolution with explicit padding; same values and gradients as lax's."""
-  return _conv(x, kernel, stride, padding)
+  return _forward(x, kernel, stride, padding)
+
+
+def _forward(x, kernel, stride, padding):
+  if not _uses_onednn(x, padding):
+    return _conv(x, kernel, stride, padding)
+  return lax.platform_dependent(
+      x, kernel, cpu=lambda x, k: onednn.conv_forward(x, k, stride, padding[0][0]),
+      default=lambda x, k: _conv(x, k, stride, padding))
 
 
 def _conv2d_fwd(x, kernel, stride, padding):
-  return _conv(x, kernel, stride, padding), (x, kernel)
+  return _forward(x, kernel, stride, padding), (x, kernel)
 
 
 def _conv2d_bwd(stride, padding, residuals, dy):
@@ -62,6 +120,13 @@ def _conv2d_bwd(stride, padding, residuals, dy):
 
   def native(x, dy):
     return jax.vjp(lambda x, k: _conv(x, k, stride, padding), x, kernel)[1](dy)
+
+  if _uses_onednn(x, padding):
+    pad = padding[0][0]
+    return lax.platform_dependent(
+        x, dy, default=native,
+        cpu=lambda x, dy: (onednn.conv_backward_data(dy, kernel, x.shape, stride, pad),
+                           onednn.conv_backward_weights(x, dy, kernel.shape, stride, pad)))
 
   def matmul(x, dy):
     (dx,) = jax.vjp(lambda x: _conv(x, kernel, stride, padding), x)[1](dy)

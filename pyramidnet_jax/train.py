@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from pyramidnet_jax import checkpoints
+from pyramidnet_jax import conv
 from pyramidnet_jax import input_pipeline
 from pyramidnet_jax import models
 from pyramidnet_jax import pyconv
@@ -48,6 +49,27 @@ def enable_compilation_cache(cache_dir: str = DEFAULT_COMPILATION_CACHE_DIR) -> 
   if cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+_SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler'
+
+
+def configure_xla_cpu(config: ml_collections.ConfigDict) -> None:
+  """Sets config.xla_cpu_concurrency_scheduler in XLA_FLAGS, before JAX starts its backend.
+
+  XLA reads this one from XLA_FLAGS when the backend starts (jit's compiler_options do not reach
+  it), so the CLIs call this first. A value the user put in XLA_FLAGS wins.
+  """
+  flags = os.environ.get('XLA_FLAGS', '')
+  if _SCHEDULER_FLAG in flags:
+    return
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if xla_bridge.backends_are_initialized():
+    logging.warning('JAX\'s backend has started: config.xla_cpu_concurrency_scheduler is not '
+                    'applied; set %s in XLA_FLAGS instead.', _SCHEDULER_FLAG)
+    return
+  value = 'true' if config.xla_cpu_concurrency_scheduler else 'false'
+  os.environ['XLA_FLAGS'] = f'{flags} {_SCHEDULER_FLAG}={value}'.strip()
 
 
 def create_model(model_config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -181,6 +203,7 @@ class Runtime:
 
 def create_runtime(config: ml_collections.ConfigDict, learning_rate_fn: optax.Schedule,
                    devices: Any = None) -> Runtime:
+  conv.set_cpu_backend(config.cpu_conv)
   devices = jax.devices() if devices is None else devices
   mesh = jax.sharding.Mesh(np.asarray(devices), ('data',))
   data_sharding = NamedSharding(mesh, PartitionSpec('data'))

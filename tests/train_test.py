@@ -430,3 +430,28 @@ def test_unknown_config_field_is_an_error_before_training(tmp_path):
   assert process.returncode != 0
   assert 'no_such_field' in process.stderr
   assert not workdir.exists()  # Failed before train_and_evaluate made the workdir.
+
+
+@pytest.mark.parametrize('given,scheduler,expected', [
+    ('', False, '--xla_cpu_enable_concurrency_optimized_scheduler=false'),
+    ('--xla_dump_to=/tmp/x', True,
+     '--xla_dump_to=/tmp/x --xla_cpu_enable_concurrency_optimized_scheduler=true'),
+    # The user's own setting wins.
+    ('--xla_cpu_enable_concurrency_optimized_scheduler=true', False,
+     '--xla_cpu_enable_concurrency_optimized_scheduler=true'),
+])
+def test_configure_xla_cpu_sets_the_scheduler_before_jax_starts(given, scheduler, expected):
+  code = ('import os, jax; from configs import default; from pyramidnet_jax import train; '
+          f'c = default.get_config(); c.xla_cpu_concurrency_scheduler = {scheduler}; '
+          'train.configure_xla_cpu(c); jax.devices(); print(os.environ["XLA_FLAGS"])')
+  env = {**os.environ, 'XLA_FLAGS': given, 'PYTHONPATH': helpers.ROOT}
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       check=True).stdout
+  assert out.strip() == expected
+
+
+def test_configure_xla_cpu_after_jax_started_changes_nothing(monkeypatch):
+  jax.devices()
+  monkeypatch.setenv('XLA_FLAGS', '')
+  train.configure_xla_cpu(helpers.tiny_config())
+  assert os.environ['XLA_FLAGS'] == ''
