@@ -32,9 +32,11 @@ Padding = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
+def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
+          groups: int = 1) -> jax.Array:
   return lax.conv_general_dilated(x, kernel, (stride, stride), padding,
-                                  dimension_numbers=_DIMENSION_NUMBERS)
+                                  dimension_numbers=_DIMENSION_NUMBERS,
+                                  feature_group_count=groups)
 
 
 def _matmul_weight_grad(x, dy, kernel_shape, stride, padding):
@@ -86,7 +88,8 @@ def _warn_unavailable(reason: str) -> None:
                   reason)
 
 
-def _uses_onednn(x: jax.Array, padding: Padding) -> bool:
+def uses_onednn(x: jax.Array, padding: Padding) -> bool:
+  """Whether conv2d, traced now on `x`, runs oneDNN's convolution on CPU."""
   symmetric = padding[0][0] == padding[0][1] == padding[1][0] == padding[1][1]
   if (_cpu_backend == 'xla' or x.dtype != jnp.float32 or not symmetric
       or jax.default_backend() != 'cpu' or jax.device_count() > 1):
@@ -97,36 +100,44 @@ def _uses_onednn(x: jax.Array, padding: Padding) -> bool:
   return reason is None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding) -> jax.Array:
-  """NHWC x HWIO convolution with explicit padding; same values and gradients as lax's."""
-  return _forward(x, kernel, stride, padding)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int, padding: Padding,
+           groups: int = 1) -> jax.Array:
+  """NHWC x HWIO convolution with explicit padding and XLA's feature groups.
+
+  Same values and gradients as lax's, to float rounding. Where `uses_onednn` is false, a grouped
+  convolution is XLA's own (slow on CPU: pyconv.grouped_conv2d has a faster form for that case).
+  """
+  return _forward(x, kernel, stride, padding, groups)
 
 
-def _forward(x, kernel, stride, padding):
-  if not _uses_onednn(x, padding):
-    return _conv(x, kernel, stride, padding)
+def _forward(x, kernel, stride, padding, groups):
+  if not uses_onednn(x, padding):
+    return _conv(x, kernel, stride, padding, groups)
   return lax.platform_dependent(
-      x, kernel, cpu=lambda x, k: onednn.conv_forward(x, k, stride, padding[0][0]),
-      default=lambda x, k: _conv(x, k, stride, padding))
+      x, kernel, cpu=lambda x, k: onednn.conv_forward(x, k, stride, padding[0][0], groups),
+      default=lambda x, k: _conv(x, k, stride, padding, groups))
 
 
-def _conv2d_fwd(x, kernel, stride, padding):
-  return _forward(x, kernel, stride, padding), (x, kernel)
+def _conv2d_fwd(x, kernel, stride, padding, groups):
+  return _forward(x, kernel, stride, padding, groups), (x, kernel)
 
 
-def _conv2d_bwd(stride, padding, residuals, dy):
+def _conv2d_bwd(stride, padding, groups, residuals, dy):
   x, kernel = residuals
 
   def native(x, dy):
-    return jax.vjp(lambda x, k: _conv(x, k, stride, padding), x, kernel)[1](dy)
+    return jax.vjp(lambda x, k: _conv(x, k, stride, padding, groups), x, kernel)[1](dy)
 
-  if _uses_onednn(x, padding):
+  if uses_onednn(x, padding):
     pad = padding[0][0]
     return lax.platform_dependent(
         x, dy, default=native,
-        cpu=lambda x, dy: (onednn.conv_backward_data(dy, kernel, x.shape, stride, pad),
-                           onednn.conv_backward_weights(x, dy, kernel.shape, stride, pad)))
+        cpu=lambda x, dy: (
+            onednn.conv_backward_data(dy, kernel, x.shape, stride, pad, groups),
+            onednn.conv_backward_weights(x, dy, kernel.shape, stride, pad, groups)))
+  if groups > 1:
+    return native(x, dy)
 
   def matmul(x, dy):
     (dx,) = jax.vjp(lambda x: _conv(x, kernel, stride, padding), x)[1](dy)

@@ -155,24 +155,26 @@ def status() -> str | None:
   return None
 
 
-def _call(target: str, shape, a: jax.Array, b: jax.Array, stride: int, pad: int) -> jax.Array:
+def _call(target: str, shape, a: jax.Array, b: jax.Array, stride: int, pad: int,
+          groups: int) -> jax.Array:
   return jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct(shape, a.dtype))(
-      a, b, stride=np.int64(stride), pad=np.int64(pad))
+      a, b, stride=np.int64(stride), pad=np.int64(pad), groups=np.int64(groups))
 
 
-def conv_forward(x: jax.Array, kernel: jax.Array, stride: int, pad: int) -> jax.Array:
-  """NHWC x HWIO -> NHWC, symmetric zero padding `pad`; float32, CPU."""
+def conv_forward(x: jax.Array, kernel: jax.Array, stride: int, pad: int,
+                 groups: int = 1) -> jax.Array:
+  """NHWC x HWIO -> NHWC, symmetric zero padding `pad`, XLA's feature groups; float32, CPU."""
   n, h, w, _ = x.shape
   k, cout = kernel.shape[0], kernel.shape[3]
   shape = (n, (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1, cout)
-  return _call('forward', shape, x, kernel, stride, pad)
+  return _call('forward', shape, x, kernel, stride, pad, groups)
 
 
-def conv_backward_data(dy: jax.Array, kernel: jax.Array, x_shape, stride: int,
-                       pad: int) -> jax.Array:
-  return _call('backward_data', tuple(x_shape), dy, kernel, stride, pad)
+def conv_backward_data(dy: jax.Array, kernel: jax.Array, x_shape, stride: int, pad: int,
+                       groups: int = 1) -> jax.Array:
+  return _call('backward_data', tuple(x_shape), dy, kernel, stride, pad, groups)
 
 
-def conv_backward_weights(x: jax.Array, dy: jax.Array, kernel_shape, stride: int,
-                          pad: int) -> jax.Array:
-  return _call('backward_weights', tuple(kernel_shape), x, dy, stride, pad)
+def conv_backward_weights(x: jax.Array, dy: jax.Array, kernel_shape, stride: int, pad: int,
+                          groups: int = 1) -> jax.Array:
+  return _call('backward_weights', tuple(kernel_shape), x, dy, stride, pad, groups)

@@ -26,11 +26,11 @@ def relative_error(a, b) -> float:
   return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
-def conv_values_and_grads(x, kernel, stride):
+def conv_values_and_grads(x, kernel, stride, groups=1):
   padding = conv.symmetric_padding(kernel.shape[0])
 
   def loss(x, kernel):
-    y = conv.conv2d(x, kernel, stride, padding)
+    y = conv.conv2d(x, kernel, stride, padding, groups)
     return jnp.sum(y * jnp.cos(y)), y  # A non-linear loss, so the cotangent is not uniform.
 
   (_, y), (dx, dkernel) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, kernel)
@@ -43,23 +43,25 @@ def hlo(fn, *args) -> str:
 
 
 @needs_onednn
-@pytest.mark.parametrize('batch,size,cin,cout,kernel,stride', [
-    (4, 32, 24, 27, 3, 1),  # An odd PyramidNet width.
-    (8, 33, 19, 37, 3, 2),  # Stride 2 on an odd size: oneDNN's right padding differs.
-    (4, 15, 1, 16, 7, 2),   # The ImageNet stem on 1-channel input.
-    (2, 16, 3, 16, 3, 1),   # The CIFAR stem.
-    (4, 8, 40, 160, 1, 1),  # A bottleneck's 1x1.
+@pytest.mark.parametrize('batch,size,cin,cout,kernel,stride,groups', [
+    (4, 32, 24, 27, 3, 1, 1),  # An odd PyramidNet width.
+    (8, 33, 19, 37, 3, 2, 1),  # Stride 2 on an odd size: oneDNN's right padding differs.
+    (4, 15, 1, 16, 7, 2, 1),   # The ImageNet stem on 1-channel input.
+    (2, 16, 3, 16, 3, 1, 1),   # The CIFAR stem.
+    (4, 8, 40, 160, 1, 1, 1),  # A bottleneck's 1x1.
+    (4, 9, 32, 16, 9, 2, 16),  # PyConv levels: grouped, large kernels, strided.
+    (2, 8, 12, 6, 5, 1, 3),
 ])
-def test_onednn_matches_xla(backend, batch, size, cin, cout, kernel, stride):
+def test_onednn_matches_xla(backend, batch, size, cin, cout, kernel, stride, groups):
   keys = jax.random.split(jax.random.key(0))
   x = jax.random.normal(keys[0], (batch, size, size, cin))
-  w = jax.random.normal(keys[1], (kernel, kernel, cin, cout))
+  w = jax.random.normal(keys[1], (kernel, kernel, cin // groups, cout))
   backend('onednn')
-  ours = conv_values_and_grads(x, w, stride)
+  ours = conv_values_and_grads(x, w, stride, groups)
   assert onednn.TARGETS['forward'] in hlo(lambda x, w: conv.conv2d(
-      x, w, stride, conv.symmetric_padding(kernel)), x, w)
+      x, w, stride, conv.symmetric_padding(kernel), groups), x, w)
   backend('xla')
-  theirs = conv_values_and_grads(x, w, stride)
+  theirs = conv_values_and_grads(x, w, stride, groups)
   for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), ours, theirs):
     assert a.shape == b.shape, name
     assert relative_error(a, b) < 2e-5, (name, relative_error(a, b))

@@ -3,7 +3,9 @@
 // XLA's CPU convolutions are 2x (forward) to 17x (weight gradient) slower than oneDNN's at
 // PyramidNet's odd channel widths (docs/benchmarks.md). These handlers run oneDNN's forward,
 // backward-data and backward-weights primitives on XLA's buffers in place: activations NHWC,
-// kernels HWIO, float32, symmetric zero padding, square kernels and strides.
+// kernels HWIO, float32, symmetric zero padding, square kernels and strides, and feature groups
+// as XLA defines them (kernel (k, k, in / groups, out); output channel o is in group
+// o / (out / groups)).
 //
 //   forward:          (x, kernel) -> y
 //   backward data:    (dy, kernel) -> dx
@@ -51,12 +53,29 @@ struct Plan {
 };
 
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                       int64_t>;
+                       int64_t, int64_t>;
+
+// XLA's HWIO kernel as oneDNN's logical (out, in, kh, kw), or (groups, out / groups,
+// in / groups, kh, kw), with the strides of its real layout.
+dnnl::memory::desc HwioKernel(int64_t cout, int64_t cin, int64_t k, int64_t groups) {
+  const int64_t cin_g = cin / groups, cout_g = cout / groups;
+  const int64_t kw_stride = cin_g * cout, kh_stride = k * kw_stride;
+  if (groups == 1) {
+    return dnnl::memory::desc({cout, cin, k, k}, Type::f32, {1, cout, kh_stride, kw_stride});
+  }
+  return dnnl::memory::desc({groups, cout_g, cin_g, k, k}, Type::f32,
+                            {cout_g, 1, cout, kh_stride, kw_stride});
+}
+
+dnnl::memory::desc AnyKernel(int64_t cout, int64_t cin, int64_t k, int64_t groups) {
+  if (groups == 1) return dnnl::memory::desc({cout, cin, k, k}, Type::f32, Tag::any);
+  return dnnl::memory::desc({groups, cout / groups, cin / groups, k, k}, Type::f32, Tag::any);
+}
 
 Plan& GetPlan(Mode mode, int64_t n, int64_t h, int64_t w, int64_t cin, int64_t cout, int64_t k,
-              int64_t stride, int64_t pad) {
+              int64_t stride, int64_t pad, int64_t groups) {
   thread_local std::map<Key, std::unique_ptr<Plan>> plans;
-  Key key{mode, n, h, w, cin, cout, k, stride, pad};
+  Key key{mode, n, h, w, cin, cout, k, stride, pad, groups};
   auto found = plans.find(key);
   if (found != plans.end()) return *found->second;
 
@@ -68,8 +87,8 @@ Plan& GetPlan(Mode mode, int64_t n, int64_t h, int64_t w, int64_t cin, int64_t c
   const dnnl::memory::dims pad_r{(ho - 1) * stride + k - h - pad, (wo - 1) * stride + k - w - pad};
   plan->x_md = dnnl::memory::desc({n, cin, h, w}, Type::f32, Tag::nhwc);
   plan->y_md = dnnl::memory::desc({n, cout, ho, wo}, Type::f32, Tag::nhwc);
-  plan->kernel_md = dnnl::memory::desc({cout, cin, k, k}, Type::f32, Tag::hwio);
-  const dnnl::memory::desc any_kernel({cout, cin, k, k}, Type::f32, Tag::any);
+  plan->kernel_md = HwioKernel(cout, cin, k, groups);
+  const dnnl::memory::desc any_kernel = AnyKernel(cout, cin, k, groups);
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
 
@@ -111,17 +130,19 @@ Plan& GetPlan(Mode mode, int64_t n, int64_t h, int64_t w, int64_t cin, int64_t c
 }
 
 ffi::Error Run(Mode mode, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-               ffi::ResultBuffer<ffi::F32> out, int64_t stride, int64_t pad) {
+               ffi::ResultBuffer<ffi::F32> out, int64_t stride, int64_t pad, int64_t groups) {
   const auto x_dims = mode == kBackwardData ? out->dimensions() : a.dimensions();
   const auto kernel_dims = mode == kBackwardWeights ? out->dimensions() : b.dimensions();
   if (x_dims.size() != 4 || kernel_dims.size() != 4 || kernel_dims[0] != kernel_dims[1] ||
-      stride < 1 || pad < 0) {
+      stride < 1 || pad < 0 || groups < 1 || x_dims[3] != kernel_dims[2] * groups ||
+      kernel_dims[3] % groups) {
     return ffi::Error::InvalidArgument(
-        "onednn_conv: expects NHWC activations, a square HWIO kernel, stride >= 1, pad >= 0");
+        "onednn_conv: expects NHWC activations, a square HWIO kernel of in / groups inputs, "
+        "out divisible by groups, stride >= 1, pad >= 0");
   }
   try {
     Plan& plan = GetPlan(mode, x_dims[0], x_dims[1], x_dims[2], x_dims[3], kernel_dims[3],
-                         kernel_dims[0], stride, pad);
+                         kernel_dims[0], stride, pad, groups);
     dnnl::engine& engine = Engine();
     dnnl::stream& stream = Stream();
     if (mode == kBackwardWeights) {
@@ -160,18 +181,20 @@ ffi::Error Run(Mode mode, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad) {
-  return Run(kForward, x, kernel, y, stride, pad);
+                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad, int64_t groups) {
+  return Run(kForward, x, kernel, y, stride, pad, groups);
 }
 
 ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
-                        ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t pad) {
-  return Run(kBackwardData, dy, kernel, dx, stride, pad);
+                        ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t pad,
+                        int64_t groups) {
+  return Run(kBackwardData, dy, kernel, dx, stride, pad, groups);
 }
 
 ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                           ffi::ResultBuffer<ffi::F32> dkernel, int64_t stride, int64_t pad) {
-  return Run(kBackwardWeights, x, dy, dkernel, stride, pad);
+                           ffi::ResultBuffer<ffi::F32> dkernel, int64_t stride, int64_t pad,
+                           int64_t groups) {
+  return Run(kBackwardWeights, x, dy, dkernel, stride, pad, groups);
 }
 
 }  // namespace
@@ -182,7 +205,8 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
       .Arg<ffi::Buffer<ffi::F32>>()          \
       .Ret<ffi::Buffer<ffi::F32>>()          \
       .Attr<int64_t>("stride")               \
-      .Attr<int64_t>("pad")
+      .Attr<int64_t>("pad")                  \
+      .Attr<int64_t>("groups")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyramidnetOnednnConvForward, Forward, PYRAMIDNET_BIND_CONV);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PyramidnetOnednnConvBackwardData, BackwardData, PYRAMIDNET_BIND_CONV);
