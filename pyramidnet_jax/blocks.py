@@ -198,13 +198,54 @@ def padded_block_variables(spec: BlockSpec, params, stats) -> tuple[dict, dict]:
   return padded_params, padded_stats
 
 
+def _batch_statistics(x32):
+  mean = x32.mean((0, 1, 2))
+  return mean, jnp.maximum(0.0, jnp.square(x32).mean((0, 1, 2)) - jnp.square(mean))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _train_norm(x32, scale, bias, epsilon):
+  mean, var = _batch_statistics(x32)
+  return (x32 - mean) * (lax.rsqrt(var + epsilon) * scale) + bias, mean, var
+
+
+def _train_norm_fwd(x32, scale, bias, epsilon):
+  y, mean, var = _train_norm(x32.value, scale.value, bias.value, epsilon)
+  return (y, mean, var), (x32.value, scale.value, mean, var)
+
+
+def _train_norm_bwd(epsilon, residuals, cotangents):
+  # The textbook gradient: one reduction pass and one elementwise pass over x, where autodiff of
+  # the forward formula makes XLA:CPU run more. The batch statistics are outputs only for the
+  # running averages, so their cotangents are normally symbolic zeros.
+  x32, scale, mean, var = residuals
+  dy, dmean, dvar = cotangents
+  n = x32.shape[0] * x32.shape[1] * x32.shape[2]
+  rstd = lax.rsqrt(var + epsilon)
+  x_hat = (x32 - mean) * rstd
+  dbias = dy.sum((0, 1, 2))
+  dscale = (dy * x_hat).sum((0, 1, 2))
+  dx = (scale * rstd / n) * (n * dy - dbias - x_hat * dscale)
+  if not isinstance(dmean, jax.custom_derivatives.SymbolicZero):
+    dx = dx + dmean / n
+  if not isinstance(dvar, jax.custom_derivatives.SymbolicZero):
+    dx = dx + dvar * (2.0 / n) * (x32 - mean)
+  return dx, dscale, dbias
+
+
+_train_norm.defvjp(_train_norm_fwd, _train_norm_bwd, symbolic_zeros=True)
+
+
 def batch_norm(x: jax.Array, params, stats, train: bool, epsilon: float, dtype):
-  """nn.BatchNorm's arithmetic, operation for operation: (output, (batch mean, batch var))."""
+  """nn.BatchNorm's arithmetic, operation for operation: (output, (batch mean, batch var)).
+
+  In training the gradient is the textbook one (_train_norm_bwd), equal to autodiff's to float
+  rounding (tests/models_test.py) and a third faster per training step on CPU (110 a48).
+  """
   if train:
     x32 = x.astype(jnp.promote_types(dtype, jnp.float32))
-    mean = x32.mean((0, 1, 2))
-    var = jnp.maximum(0.0, jnp.square(x32).mean((0, 1, 2)) - jnp.square(mean))
-    batch = (mean, var)
+    y, mean, var = _train_norm(x32, params['scale'], params['bias'], epsilon)
+    return jnp.asarray(y, dtype), (mean, var)
   else:
     mean, var, batch = stats['mean'], stats['var'], None
   y = x - mean

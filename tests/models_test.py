@@ -825,6 +825,33 @@ def test_every_parameter_gets_a_gradient_in_train_mode(name):
       assert total > 1e-3 * median, (key, total, median)
 
 
+@pytest.mark.parametrize('use_statistics', [False, True])
+def test_train_batch_norm_gradient_equals_autodiff_of_its_formula(use_statistics):
+  """blocks.batch_norm's hand-written training gradient against jax.grad of nn.BatchNorm's
+  arithmetic; use_statistics also differentiates through the batch mean and variance."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = 3.0 + 2.0 * jax.random.normal(keys[0], (4, 5, 6, 7))  # Off-centre, so the mean matters.
+  params = {'scale': jax.random.normal(keys[1], (7,)), 'bias': jax.random.normal(keys[2], (7,))}
+  weights = jax.random.normal(keys[3], x.shape)
+
+  def formula(x, params):
+    mean = x.mean((0, 1, 2))
+    var = jnp.maximum(0.0, jnp.square(x).mean((0, 1, 2)) - jnp.square(mean))
+    return (x - mean) * (lax.rsqrt(var + 1e-5) * params['scale']) + params['bias'], (mean, var)
+
+  def ours(x, params):
+    return blocks.batch_norm(x, params, None, True, 1e-5, jnp.float32)
+
+  def loss(norm, x, params):
+    y, (mean, var) = norm(x, params)
+    total = jnp.sum(jnp.tanh(y) * weights)
+    return total + (jnp.sum(mean * var) if use_statistics else 0.0)
+
+  for a, b in zip(jax.tree.leaves((ours(x, params), jax.grad(loss, (1, 2))(ours, x, params))),
+                  jax.tree.leaves((formula(x, params), jax.grad(loss, (1, 2))(formula, x, params)))):
+    assert_close_scaled(a, b, 1e-5)
+
+
 @pytest.mark.parametrize('name', ['cifar_basic', 'cifar_bottleneck'])
 def test_remat_is_exact(name):
   model, variables, x = small_net(name)
