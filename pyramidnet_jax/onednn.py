@@ -157,7 +157,9 @@ def status() -> str | None:
 
 def _call(target: str, shape, a: jax.Array, b: jax.Array, stride: int, pad: int,
           groups: int) -> jax.Array:
-  return jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct(shape, a.dtype))(
+  # Under jax.vmap the handler runs once per mapped element (a batch is already its first axis).
+  return jax.ffi.ffi_call(TARGETS[target], jax.ShapeDtypeStruct(shape, a.dtype),
+                          vmap_method='sequential')(
       a, b, stride=np.int64(stride), pad=np.int64(pad), groups=np.int64(groups))
 
 

@@ -146,3 +146,19 @@ def test_config_selects_the_backend(backend):
   config.cpu_conv = 'cudnn'
   with pytest.raises(ValueError, match='Unknown CPU convolution backend'):
     train.create_runtime(config, lr_fn)
+
+
+@needs_onednn
+def test_vmap_over_the_convolution(backend):
+  """Per-example computations (jax.vmap, e.g. per-example gradients) work and match XLA's."""
+  x = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+
+  def per_example_grads(x):
+    loss = lambda w, x: jnp.sum(jnp.sin(conv.conv2d(x, w, 2, ((1, 1), (1, 1)))))
+    return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(w, x)
+
+  backend('onednn')
+  ours = per_example_grads(x)
+  backend('xla')
+  assert relative_error(ours, per_example_grads(x)) < 2e-5
