@@ -198,15 +198,15 @@ def padded_block_variables(spec: BlockSpec, params, stats) -> tuple[dict, dict]:
   return padded_params, padded_stats
 
 
-def _batch_statistics(x32):
-  mean = x32.mean((0, 1, 2))
-  return mean, jnp.maximum(0.0, jnp.square(x32).mean((0, 1, 2)) - jnp.square(mean))
+def _normalise(x, mean, var, scale, bias, epsilon):
+  return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _train_norm(x32, scale, bias, epsilon):
-  mean, var = _batch_statistics(x32)
-  return (x32 - mean) * (lax.rsqrt(var + epsilon) * scale) + bias, mean, var
+  mean = x32.mean((0, 1, 2))
+  var = jnp.maximum(0.0, jnp.square(x32).mean((0, 1, 2)) - jnp.square(mean))
+  return _normalise(x32, mean, var, scale, bias, epsilon), mean, var
 
 
 def _train_norm_fwd(x32, scale, bias, epsilon):
@@ -246,12 +246,8 @@ def batch_norm(x: jax.Array, params, stats, train: bool, epsilon: float, dtype):
     x32 = x.astype(jnp.promote_types(dtype, jnp.float32))
     y, mean, var = _train_norm(x32, params['scale'], params['bias'], epsilon)
     return jnp.asarray(y, dtype), (mean, var)
-  else:
-    mean, var, batch = stats['mean'], stats['var'], None
-  y = x - mean
-  mul = lax.rsqrt(var + epsilon) * params['scale']
-  y = (y * mul) + params['bias']
-  return jnp.asarray(y, dtype), batch
+  y = _normalise(x, stats['mean'], stats['var'], params['scale'], params['bias'], epsilon)
+  return jnp.asarray(y, dtype), None
 
 
 def block(params, stats, x, *, spec: BlockSpec, train: bool, epsilon: float, dtype):

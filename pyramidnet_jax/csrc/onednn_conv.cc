@@ -180,21 +180,11 @@ ffi::Error Run(Mode mode, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
   return ffi::Error::Success();
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
-                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad, int64_t groups) {
-  return Run(kForward, x, kernel, y, stride, pad, groups);
-}
-
-ffi::Error BackwardData(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
-                        ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t pad,
-                        int64_t groups) {
-  return Run(kBackwardData, dy, kernel, dx, stride, pad, groups);
-}
-
-ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                           ffi::ResultBuffer<ffi::F32> dkernel, int64_t stride, int64_t pad,
-                           int64_t groups) {
-  return Run(kBackwardWeights, x, dy, dkernel, stride, pad, groups);
+// One handler per mode; the operands are as listed at the top of this file.
+template <Mode mode>
+ffi::Error Handler(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                   ffi::ResultBuffer<ffi::F32> out, int64_t stride, int64_t pad, int64_t groups) {
+  return Run(mode, a, b, out, stride, pad, groups);
 }
 
 }  // namespace
@@ -208,7 +198,9 @@ ffi::Error BackwardWeights(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
       .Attr<int64_t>("pad")                  \
       .Attr<int64_t>("groups")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PyramidnetOnednnConvForward, Forward, PYRAMIDNET_BIND_CONV);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PyramidnetOnednnConvBackwardData, BackwardData, PYRAMIDNET_BIND_CONV);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PyramidnetOnednnConvBackwardWeights, BackwardWeights,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PyramidnetOnednnConvForward, Handler<kForward>,
+                              PYRAMIDNET_BIND_CONV);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PyramidnetOnednnConvBackwardData, Handler<kBackwardData>,
+                              PYRAMIDNET_BIND_CONV);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PyramidnetOnednnConvBackwardWeights, Handler<kBackwardWeights>,
                               PYRAMIDNET_BIND_CONV);
