@@ -450,6 +450,52 @@ def test_configure_xla_cpu_sets_the_scheduler_before_jax_starts(given, scheduler
   assert out.strip() == expected
 
 
+_PAGE_FAULTS_OF_A_REPEATED_CALL = """
+import json, os, resource, sys
+import jax, jax.numpy as jnp
+from configs import default
+from pyramidnet_jax import train
+c = default.get_config(); c.cpu_keep_freed_memory = {keep}
+train.configure_xla_cpu(c)
+x = jnp.ones((8192, 128))
+f = jax.jit(lambda x: ((x @ x.T[:, :4096]) @ x[:4096]).sum(0))  # A 128 MB intermediate.
+faults = []
+for _ in range(4):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  f(x).block_until_ready()
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps(faults))
+"""
+
+
+def _page_faults_per_call(keep: bool, **env: str) -> list[int]:
+  env = {**os.environ, 'PYTHONPATH': helpers.ROOT, 'JAX_PLATFORMS': 'cpu', **env}
+  out = subprocess.run([sys.executable, '-c', _PAGE_FAULTS_OF_A_REPEATED_CALL.format(keep=keep)],
+                       env=env, capture_output=True, text=True, check=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or os.confstr('CS_GNU_LIBC_VERSION') is None,
+                    reason='glibc malloc only')
+def test_cpu_keep_freed_memory_stops_repeated_page_faults():
+  # 128 MB is 32768 pages: glibc maps a block that large afresh at every call unless told to
+  # keep freed memory; kept, a repeated call reuses resident pages.
+  assert min(_page_faults_per_call(False)[1:]) > 16000
+  assert max(_page_faults_per_call(True)[2:]) < 2000
+  # A malloc setting in the environment is the user's: left alone.
+  assert min(_page_faults_per_call(True, MALLOC_ARENA_MAX='4')[1:]) > 16000
+
+
+@pytest.mark.parametrize('platforms,expected', [('cpu', True), ('cuda', False), ('cpu,tpu', False)])
+def test_malloc_tuning_only_where_jax_runs_on_cpu(platforms, expected):
+  given = jax.config.jax_platforms
+  jax.config.update('jax_platforms', platforms)
+  try:
+    assert train._jax_runs_on_cpu_only() == expected  # pylint: disable=protected-access
+  finally:
+    jax.config.update('jax_platforms', given)
+
+
 def test_configure_xla_cpu_after_jax_started_changes_nothing(monkeypatch):
   jax.devices()
   monkeypatch.setenv('XLA_FLAGS', '')
