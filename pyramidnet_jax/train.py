@@ -79,22 +79,23 @@ def configure_xla_cpu(config: ml_collections.ConfigDict) -> None:
     keep_freed_host_memory()
 
 
-_GLIBC_M_TRIM_THRESHOLD, _GLIBC_M_MMAP_MAX, _GLIBC_M_ARENA_MAX = -1, -4, -8
-_GLIBC_MALLOC_ENV = ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_',
-                     'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TOP_PAD_')
+_GLIBC_M_TRIM_THRESHOLD, _GLIBC_M_MMAP_MAX = -1, -4
+_GLIBC_MALLOC_ENV = ('MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_MMAP_THRESHOLD_',
+                     'MALLOC_TOP_PAD_')
 
 
 def keep_freed_host_memory() -> bool:
-  """Makes glibc's malloc keep freed memory in the process for reuse; True if it did.
+  """Makes XLA:CPU reuse one resident temp buffer across steps; True if it did. Before JAX starts.
 
   XLA:CPU allocates a train step's temporary buffer (hundreds of MB to GBs) at every execution
-  and frees it after. glibc serves such a block with a fresh mmap from the allocating XLA thread's
-  arena, so every step page-faults the whole buffer in again (PyramidNet-110 a48, batch 128: 1.7
-  GiB, 460,000 faults, 0.7 s of system time per 2 s step on 2 cores). With one arena, no mmap
-  for large blocks and no trimming, the next step reuses the same resident pages: 20% faster
-  training there (docs/benchmarks.md). The cost: the process keeps its peak memory until it
-  exits. Must run before JAX's backend starts its threads (they pick their arenas then); a
-  malloc setting the user put in the environment wins; no-op off glibc.
+  and frees it after. glibc serves a block that large with a fresh mmap and unmaps it on free,
+  so every step page-faults the whole buffer in again (PyramidNet-110 a48, batch 128: 1.7 GiB,
+  460,000 faults and 0.7 s of system time per 2 s step on 2 cores). So: no mmap for large blocks
+  and no trimming, and steps dispatched synchronously, so that the buffer is allocated on the
+  calling thread, whose heap can grow (another thread's arena maps anything over 64 MB anyway).
+  The next step then reuses the same resident pages: 20% faster training there
+  (docs/benchmarks.md). The cost: the process keeps its peak memory until it exits, and Python
+  waits for each step. A malloc setting the user put in the environment wins; no-op off glibc.
   """
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     return False
@@ -103,8 +104,11 @@ def keep_freed_host_memory() -> bool:
     return False
   libc = ctypes.CDLL(None)
   # mallopt's trim threshold of -1 turns trimming off.
-  return all(libc.mallopt(param, value) == 1 for param, value in (
-      (_GLIBC_M_ARENA_MAX, 1), (_GLIBC_M_MMAP_MAX, 0), (_GLIBC_M_TRIM_THRESHOLD, -1)))
+  if not all(libc.mallopt(param, value) == 1
+             for param, value in ((_GLIBC_M_MMAP_MAX, 0), (_GLIBC_M_TRIM_THRESHOLD, -1))):
+    return False
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
+  return True
 
 
 def _jax_runs_on_cpu_only() -> bool:
