@@ -59,7 +59,7 @@ _SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler'
 
 
 def configure_xla_cpu(config: ml_collections.ConfigDict) -> None:
-  """Applies the config's XLA:CPU settings that must precede JAX's backend start; CLIs call it first.
+  """Applies the config's XLA:CPU settings that must precede JAX's backend start (CLIs: first).
 
   config.xla_cpu_concurrency_scheduler goes into XLA_FLAGS (XLA reads it there when its backend
   starts; jit's compiler_options do not reach it); a value the user put in XLA_FLAGS wins.

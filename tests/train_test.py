@@ -9,6 +9,7 @@ and a module-wide persistent XLA cache (see `compilation_cache`), so most of the
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -475,8 +476,7 @@ def _page_faults_per_call(keep: bool, **env: str) -> list[int]:
   return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith('linux') or os.confstr('CS_GNU_LIBC_VERSION') is None,
-                    reason='glibc malloc only')
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc malloc only')
 def test_cpu_keep_freed_memory_stops_repeated_page_faults():
   # 128 MB is 32768 pages: glibc maps a block that large afresh at every call (11 repeats: over
   # 360,000 faults), unless told to keep freed memory; then calls reuse resident pages, but for
