@@ -187,6 +187,17 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
   return optax.softmax_cross_entropy(logits, targets)
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every element of every leaf is finite, as one reduction over all of them.
+
+  A check per leaf compiles to about three XLA kernels per leaf (PyramidNet-272: 4,900 of its
+  13,000), and XLA:CPU builds each executable's dependency graph, on compile and on load from the
+  persistent cache, in time quadratic in its kernel count.
+  """
+  leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.isfinite(jnp.concatenate(leaves))) if leaves else jnp.bool_(True)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, learning_rate_fn: optax.Schedule,
                label_smoothing: float, dropout_key: jax.Array) -> tuple[TrainState, dict]:
   """One SGD step on a global batch; pure, so jit can donate and shard it."""
@@ -204,8 +215,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, learning_rate_
   # XLA's CPU backend can drop NaNs in a max inside a reduction (the ReLU before the pooling), so
   # a NaN state may still give a finite loss: report the loss as NaN whenever the new state isn't
   # finite, so that the loop's NaN check stops the run before such a state is saved.
-  finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in
-                              jax.tree.leaves((new_state.params, new_state.batch_stats))]))
+  finite = all_finite((new_state.params, new_state.batch_stats))
   metrics = {
       'loss': jnp.where(finite, loss, jnp.nan),
       'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),

@@ -389,6 +389,28 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
   assert all(math.isfinite(m['loss']) for m in train_lines(workdir) if m['step'] < 10)
 
 
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize('where', ['first', 'middle', 'last', 'bf16'])
+def test_all_finite_finds_one_bad_element_in_any_leaf(bad, where):
+  tree = {'a': np.ones((3, 4), np.float32), 'b': [np.zeros(5, np.float32), np.full((2,), 7.0)],
+          'c': jnp.ones((2, 2), jnp.bfloat16), 'd': np.float32(3.0)}
+  assert bool(jax.jit(train.all_finite)(tree))
+  if where == 'bf16':
+    tree['c'] = tree['c'].at[1, 0].set(bad)
+  else:
+    leaf = {'first': tree['a'], 'middle': tree['b'][0], 'last': tree['b'][1]}[where]
+    leaf.flat[-1] = bad
+  assert not bool(jax.jit(train.all_finite)(tree))
+  assert bool(train.all_finite({}))
+
+
+def test_all_finite_compiles_to_one_check_not_one_per_leaf():
+  # A check per leaf made 4,900 of PyramidNet-272's 13,000 XLA kernels (see all_finite).
+  tree = [jnp.ones((i + 1, 3)) for i in range(40)]
+  hlo = jax.jit(train.all_finite).lower(tree).compile().as_text()
+  assert hlo.count('is-finite(') == 1, hlo
+
+
 @needs_fashion
 def test_resuming_with_a_different_model_is_refused(tmp_path, monkeypatch):
   helpers.serve_subset(monkeypatch, num_train=96, num_test=32)
