@@ -8,9 +8,11 @@ and dropout keys are folded from the step, a resumed run repeats the uninterrupt
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
+import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -241,6 +243,48 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.A
   }
 
 
+@contextlib.contextmanager
+def python_gc_paused():
+  """Python's cyclic garbage collector paused (reference counting still frees what it can).
+
+  Tracing a deep PyramidNet creates millions of Python objects that live until the trace ends,
+  and every collection they trigger walks them again: 272 a200's training step traces in 5.3 s
+  with the collector paused, 7.4 s without.
+  """
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    if enabled:
+      gc.enable()
+
+
+class GcPausedJit:
+  """A jitted function whose calls, traces and lowerings run with python_gc_paused.
+
+  Each call pauses the collector only while it lasts; other attributes are the jitted function's.
+  """
+
+  def __init__(self, jitted: Callable[..., Any]):
+    self.jitted = jitted
+
+  def __call__(self, *args, **kwargs):
+    with python_gc_paused():
+      return self.jitted(*args, **kwargs)
+
+  def trace(self, *args, **kwargs):
+    with python_gc_paused():
+      return self.jitted.trace(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    with python_gc_paused():
+      return self.jitted.lower(*args, **kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self.jitted, name)
+
+
 @dataclasses.dataclass
 class Runtime:
   """The mesh and the compiled functions for one model and optimiser."""
@@ -276,19 +320,22 @@ def create_runtime(config: ml_collections.ConfigDict, learning_rate_fn: optax.Sc
                            dropout_key=jax.random.key(config.seed + 1))
   return Runtime(
       mesh=mesh, data_sharding=data_sharding, replicated=replicated,
-      train_step=jax.jit(step, in_shardings=(replicated, data_sharding),
-                         out_shardings=(replicated, replicated), donate_argnums=0),
-      eval_step=jax.jit(eval_step, in_shardings=(replicated, data_sharding),
-                        out_shardings=replicated))
+      train_step=GcPausedJit(jax.jit(step, in_shardings=(replicated, data_sharding),
+                                     out_shardings=(replicated, replicated), donate_argnums=0)),
+      eval_step=GcPausedJit(jax.jit(eval_step, in_shardings=(replicated, data_sharding),
+                                    out_shardings=replicated)))
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: models.PyramidNet,
                        image_shape: tuple[int, ...], tx: optax.GradientTransformation,
                        runtime: Runtime) -> TrainState:
-  variables = models.init_variables(model, jax.random.key(config.seed), image_shape)
-  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                            batch_stats=variables['batch_stats'])
-  return jax.device_put(state, runtime.replicated)
+  with python_gc_paused():
+    variables = models.init_variables(model, jax.random.key(config.seed), image_shape)
+    # Jitted: the optimiser's eager init compiles a kernel per distinct parameter shape, one jit
+    # compiles them all at once and lands in the persistent cache (272 a200: 10 s -> 3 s cold).
+    create = jax.jit(functools.partial(TrainState.create, apply_fn=model.apply, tx=tx),
+                     out_shardings=runtime.replicated)
+    return create(params=variables['params'], batch_stats=variables['batch_stats'])
 
 
 def evaluate(runtime: Runtime, state: TrainState, split: input_pipeline.Split,

@@ -6,6 +6,7 @@ step is compiled. The tests that call train_and_evaluate share one configuration
 and a module-wide persistent XLA cache (see `compilation_cache`), so most of them compile nothing.
 """
 
+import gc
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import optax
 import pytest
 
 from pyramidnet_jax import input_pipeline
+from pyramidnet_jax import models
 from pyramidnet_jax import train
 from tests import helpers
 from tests.helpers import needs_fashion
@@ -104,6 +106,50 @@ def test_imagenet_without_its_files_is_refused_not_faked(tmp_path):
     assert 'not implemented' in str(error.value)
   assert not (workdir / 'results.json').exists()
   assert not helpers.checkpoint_steps(str(workdir))
+
+
+def test_create_train_state_equals_flax_create_and_is_replicated():
+  config = helpers.tiny_config()
+  model = train.create_model(config.model, 10)
+  lr_fn = train.create_learning_rate_fn(config, 10, 100)
+  tx = train.create_optimizer(config, lr_fn)
+  runtime = train.create_runtime(config, lr_fn)
+  state = train.create_train_state(config, model, (28, 28, 1), tx, runtime)
+  variables = models.init_variables(model, jax.random.key(config.seed), (28, 28, 1))
+  eager = jax.device_put(train.TrainState.create(
+      apply_fn=model.apply, params=variables['params'], tx=tx,
+      batch_stats=variables['batch_stats']), runtime.replicated)
+  assert jax.tree.structure(state) == jax.tree.structure(eager)
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(eager)):
+    assert got.dtype == want.dtype and got.sharding == runtime.replicated
+    np.testing.assert_array_equal(got, want)
+  assert state.apply_fn == model.apply and state.tx is tx
+
+
+def test_compiled_steps_trace_with_the_collector_paused_and_restore_it():
+  seen = []
+
+  def step(x):
+    seen.append(gc.isenabled())
+    return x + 1
+
+  jitted = train.GcPausedJit(jax.jit(step))
+  assert gc.isenabled()
+  assert int(jitted(1)) == 2
+  np.testing.assert_array_equal(jitted.lower(jnp.ones(3)).compile()(jnp.ones(3)), 2)
+  assert seen == [False, False] and gc.isenabled()
+  assert jitted._cache_size() == 1  # Attributes are the jitted function's; lower() is apart.
+  gc.disable()
+  try:
+    with train.python_gc_paused():
+      assert not gc.isenabled()
+    assert not gc.isenabled()  # A collector the caller had paused stays paused.
+  finally:
+    gc.enable()
+  with pytest.raises(ValueError):
+    with train.python_gc_paused():
+      raise ValueError
+  assert gc.isenabled()
 
 
 # --- 2. Learning on real data ------------------------------------------------------------------
