@@ -198,14 +198,41 @@ def padded_block_variables(spec: BlockSpec, params, stats) -> tuple[dict, dict]:
   return padded_params, padded_stats
 
 
+# BatchNorm's arithmetic is written in lax, not jnp: each jnp operator is a nested jit whose
+# trace is cached per shape, and every PyramidNet block has new shapes, so jnp traced the same
+# equations with a cache miss each (272 a200: a third of the training step's trace). The jaxprs are
+# those jnp produced, equation for equation (the tests compare them).
+
+
+def _scalar(value, like: jax.Array):
+  """A Python number as a scalar of like's dtype, as jnp's weak typing converts it."""
+  return like.dtype.type(value)
+
+
+def _per_channel(v: jax.Array, like: jax.Array) -> jax.Array:
+  """A (C,) vector broadcast against an NHWC array, as jnp's broadcasting does."""
+  return lax.broadcast_in_dim(v, (1,) * (like.ndim - 1) + v.shape, (like.ndim - 1,))
+
+
 def _normalise(x, mean, var, scale, bias, epsilon):
-  return (x - mean) * (lax.rsqrt(var + epsilon) * scale) + bias
+  # (x - mean) * (rsqrt(var + epsilon) * scale) + bias, promoted as jnp would (eval: bf16 x).
+  dtype = jnp.result_type(x, mean, var, scale, bias)
+  x, mean, var, scale, bias = (lax.convert_element_type(a, dtype) if a.dtype != dtype else a
+                               for a in (x, mean, var, scale, bias))
+  centred = lax.sub(x, _per_channel(mean, x))
+  factor = lax.mul(lax.rsqrt(lax.add(var, _scalar(epsilon, var))), scale)
+  return lax.add(lax.mul(centred, _per_channel(factor, x)), _per_channel(bias, x))
+
+
+def _mean_over_nhw(x):
+  return lax.div(lax.reduce_sum(x, (0, 1, 2)), _scalar(x.shape[0] * x.shape[1] * x.shape[2], x))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _train_norm(x32, scale, bias, epsilon):
-  mean = x32.mean((0, 1, 2))
-  var = jnp.maximum(0.0, jnp.square(x32).mean((0, 1, 2)) - jnp.square(mean))
+  mean = _mean_over_nhw(x32)
+  var = lax.max(_scalar(0.0, x32),
+                lax.sub(_mean_over_nhw(lax.square(x32)), lax.square(mean)))
   return _normalise(x32, mean, var, scale, bias, epsilon), mean, var
 
 
@@ -217,19 +244,25 @@ def _train_norm_fwd(x32, scale, bias, epsilon):
 def _train_norm_bwd(epsilon, residuals, cotangents):
   # The textbook gradient: one reduction pass and one elementwise pass over x, where autodiff of
   # the forward formula makes XLA:CPU run more. The batch statistics are outputs only for the
-  # running averages, so their cotangents are normally symbolic zeros.
+  # running averages, so their cotangents are normally symbolic zeros. In jnp terms:
+  # dx = (scale * rstd / n) * (n * dy - sum(dy) - x_hat * sum(dy * x_hat)).
   x32, scale, mean, var = residuals
   dy, dmean, dvar = cotangents
   n = x32.shape[0] * x32.shape[1] * x32.shape[2]
-  rstd = lax.rsqrt(var + epsilon)
-  x_hat = (x32 - mean) * rstd
-  dbias = dy.sum((0, 1, 2))
-  dscale = (dy * x_hat).sum((0, 1, 2))
-  dx = (scale * rstd / n) * (n * dy - dbias - x_hat * dscale)
+  rstd = lax.rsqrt(lax.add(var, _scalar(epsilon, var)))
+  x_hat = lax.mul(lax.sub(x32, _per_channel(mean, x32)), _per_channel(rstd, x32))
+  dbias = lax.reduce_sum(dy, (0, 1, 2))
+  dscale = lax.reduce_sum(lax.mul(dy, x_hat), (0, 1, 2))
+  factor = lax.div(lax.mul(scale, rstd), _scalar(n, scale))
+  inner = lax.sub(lax.sub(lax.mul(_scalar(n, dy), dy), _per_channel(dbias, dy)),
+                  lax.mul(x_hat, _per_channel(dscale, x_hat)))
+  dx = lax.mul(_per_channel(factor, inner), inner)
   if not isinstance(dmean, jax.custom_derivatives.SymbolicZero):
-    dx = dx + dmean / n
+    dx = lax.add(dx, _per_channel(lax.div(dmean, _scalar(n, dmean)), dx))
   if not isinstance(dvar, jax.custom_derivatives.SymbolicZero):
-    dx = dx + dvar * (2.0 / n) * (x32 - mean)
+    scaled = lax.mul(dvar, _scalar(2.0 / n, dvar))
+    centred = lax.sub(x32, _per_channel(mean, x32))
+    dx = lax.add(dx, lax.mul(_per_channel(scaled, centred), centred))
   return dx, dscale, dbias
 
 
@@ -288,6 +321,10 @@ def update_running_stats(stats, batch, momentum: float) -> None:
   """nn.BatchNorm's update, on the exact channels: ra = momentum * ra + (1 - momentum) * batch."""
   for layer, variables in stats.items():
     mean, var = batch[layer]
-    n = variables['mean'].value.shape[0]
-    variables['mean'].value = momentum * variables['mean'].value + (1 - momentum) * mean[:n]
-    variables['var'].value = momentum * variables['var'].value + (1 - momentum) * var[:n]
+    for name, batch_value in (('mean', mean), ('var', var)):
+      running = variables[name].value
+      n = running.shape[0]
+      kept = lax.mul(_scalar(momentum, running), running)
+      if batch_value.shape[0] != n:
+        batch_value = lax.slice(batch_value, (0,), (n,))
+      variables[name].value = lax.add(kept, lax.mul(_scalar(1 - momentum, running), batch_value))

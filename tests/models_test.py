@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -850,6 +851,55 @@ def test_train_batch_norm_gradient_equals_autodiff_of_its_formula(use_statistics
   for a, b in zip(jax.tree.leaves((ours(x, params), jax.grad(loss, (1, 2))(ours, x, params))),
                   jax.tree.leaves((formula(x, params), jax.grad(loss, (1, 2))(formula, x, params)))):
     assert_close_scaled(a, b, 1e-5)
+
+
+@pytest.mark.parametrize('padded', [False, True])
+def test_batch_norm_in_lax_traces_to_the_equations_of_its_jnp_formulas(padded):
+  """blocks writes BatchNorm in lax to trace faster; its jaxprs must be those of the jnp formulas
+  (nn.BatchNorm's arithmetic and the textbook gradient), so that XLA compiles the same program."""
+  eps, momentum = 1e-5, 0.9
+  x, channels = jnp.zeros((4, 5, 6, 9 if padded else 7)), jnp.zeros(9 if padded else 7)
+
+  def forward(x, scale, bias):
+    mean = x.mean((0, 1, 2))
+    var = jnp.maximum(0.0, jnp.square(x).mean((0, 1, 2)) - jnp.square(mean))
+    return (x - mean) * (lax.rsqrt(var + eps) * scale) + bias, mean, var
+
+  def backward(x, scale, mean, var, dy, dmean, dvar):
+    n = x.shape[0] * x.shape[1] * x.shape[2]
+    rstd = lax.rsqrt(var + eps)
+    x_hat = (x - mean) * rstd
+    dbias = dy.sum((0, 1, 2))
+    dscale = (dy * x_hat).sum((0, 1, 2))
+    dx = (scale * rstd / n) * (n * dy - dbias - x_hat * dscale)
+    dx = dx + dmean / n
+    dx = dx + dvar * (2.0 / n) * (x - mean)
+    return dx, dscale, dbias
+
+  def evaluation(x, mean, var, scale, bias):
+    return (x - mean) * (lax.rsqrt(var + eps) * scale) + bias
+
+  def running(mean, var, batch_mean, batch_var):
+    n = mean.shape[0]
+    return (momentum * mean + (1 - momentum) * batch_mean[:n],
+            momentum * var + (1 - momentum) * batch_var[:n])
+
+  def ours_running(mean, var, batch_mean, batch_var):
+    stats = {'bn': {'mean': types.SimpleNamespace(value=mean),
+                    'var': types.SimpleNamespace(value=var)}}
+    blocks.update_running_stats(stats, {'bn': (batch_mean, batch_var)}, momentum)
+    return stats['bn']['mean'].value, stats['bn']['var'].value
+
+  def assert_same_jaxpr(ours, reference, *args):
+    assert str(jax.make_jaxpr(ours)(*args)) == str(jax.make_jaxpr(reference)(*args))
+
+  assert_same_jaxpr(lambda x, s, b: blocks._train_norm.fun(x, s, b, eps), forward,
+                    x, channels, channels)
+  assert_same_jaxpr(lambda x, s, m, v, dy, dm, dv: blocks._train_norm_bwd(
+      eps, (x, s, m, v), (dy, dm, dv)), backward, x, *[channels] * 3, x, channels, channels)
+  assert_same_jaxpr(lambda *a: blocks._normalise(*a, eps), evaluation,
+                    x.astype(jnp.bfloat16), *[channels] * 4)  # Eval in bf16 promotes as jnp.
+  assert_same_jaxpr(ours_running, running, jnp.zeros(7), jnp.ones(7), channels, channels)
 
 
 @pytest.mark.parametrize('name', ['cifar_basic', 'cifar_bottleneck'])
