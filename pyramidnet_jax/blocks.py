@@ -283,6 +283,30 @@ def batch_norm(x: jax.Array, params, stats, train: bool, epsilon: float, dtype):
   return jnp.asarray(y, dtype), None
 
 
+class BatchNorm(nn.Module):
+  """nn.BatchNorm's fields, variables, initial values and arithmetic, trained with batch_norm's
+  textbook gradient (the PyConv networks' BatchNorm; PyramidNet's blocks call batch_norm)."""
+  use_running_average: bool
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    shape = (x.shape[-1],)
+    params = {'scale': self.param('scale', nn.initializers.ones, shape, self.param_dtype),
+              'bias': self.param('bias', nn.initializers.zeros, shape, self.param_dtype)}
+    stats = {'mean': self.variable('batch_stats', 'mean', lambda: jnp.zeros(shape, jnp.float32)),
+             'var': self.variable('batch_stats', 'var', lambda: jnp.ones(shape, jnp.float32))}
+    train = not self.use_running_average
+    y, batch = batch_norm(x, params, {k: v.value for k, v in stats.items()}, train, self.epsilon,
+                          self.dtype)
+    if train and not self.is_initializing():  # As nn.BatchNorm: init leaves the averages be.
+      update_running_stats({'bn': stats}, {'bn': batch}, self.momentum)
+    return y
+
+
 def block(params, stats, x, *, spec: BlockSpec, train: bool, epsilon: float, dtype):
   """One block on padded arrays: (output, {bn layer: (batch mean, batch var)} or None)."""
   batch = {}

@@ -14,6 +14,7 @@ post-activation (conv -> BN -> ReLU, ReLU after the residual add, as in torchvis
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -22,9 +23,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from pyramidnet_jax import conv
+from pyramidnet_jax import models
 from pyramidnet_jax import remat
+from pyramidnet_jax.blocks import BatchNorm
 from pyramidnet_jax.models import _check_choice
-from pyramidnet_jax.models import _conv_and_norm
 from pyramidnet_jax.models import _pad
 from pyramidnet_jax.models import _torch_linear_init
 from pyramidnet_jax.models import conv_init
@@ -154,6 +156,15 @@ class PyConv(nn.Module):
             zip(self.features, self.kernel_sizes, self.groups))
     ]
     return jnp.concatenate(outs, axis=-1)
+
+
+def _conv_and_norm(module: nn.Module, train: bool):
+  """models' conv, and a BatchNorm trained with the textbook gradient (blocks.BatchNorm)."""
+  conv, _ = models._conv_and_norm(module, train)  # pylint: disable=protected-access
+  norm = functools.partial(BatchNorm, use_running_average=not train, momentum=models.BN_MOMENTUM,
+                           epsilon=models.BN_EPSILON, dtype=module.dtype,
+                           param_dtype=module.param_dtype)
+  return conv, norm
 
 
 def _pyramid(module: nn.Module, planes: int, kernels: Sequence[int], divisors: Sequence[int],

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import types
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -851,6 +852,38 @@ def test_train_batch_norm_gradient_equals_autodiff_of_its_formula(use_statistics
   for a, b in zip(jax.tree.leaves((ours(x, params), jax.grad(loss, (1, 2))(ours, x, params))),
                   jax.tree.leaves((formula(x, params), jax.grad(loss, (1, 2))(formula, x, params)))):
     assert_close_scaled(a, b, 1e-5)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('train', [True, False])
+def test_batch_norm_module_is_nn_batch_norm_with_the_textbook_gradient(train, dtype):
+  """blocks.BatchNorm (PyConv's BatchNorm): nn.BatchNorm's variables, outputs and running
+  averages bit for bit; in training its gradient equals autodiff of nn.BatchNorm's."""
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 5, 6, 7))
+  kwargs = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+  ours, reference = blocks.BatchNorm(**kwargs), nn.BatchNorm(**kwargs)
+  initial = ours.init(jax.random.key(1), x)
+  assert jax.tree.map(np.shape, initial) == jax.tree.map(np.shape, reference.init(
+      jax.random.key(1), x))
+  for a, b in zip(jax.tree.leaves(initial), jax.tree.leaves(reference.init(jax.random.key(1), x))):
+    np.testing.assert_array_equal(a, b)
+  variables = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape),
+                           initial)
+  weights = jax.random.normal(jax.random.key(3), x.shape)
+
+  def loss(module, params, x):
+    y, stats = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
+    return jnp.sum(jnp.tanh(y.astype(jnp.float32)) * weights), (y, stats)
+
+  (_, (y, stats)), grads = jax.value_and_grad(loss, (1, 2), has_aux=True)(
+      ours, variables['params'], x)
+  (_, (y_ref, stats_ref)), grads_ref = jax.value_and_grad(loss, (1, 2), has_aux=True)(
+      reference, variables['params'], x)
+  assert y.dtype == y_ref.dtype == dtype
+  for a, b in zip(jax.tree.leaves((y, stats)), jax.tree.leaves((y_ref, stats_ref))):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    assert_close_scaled(a, b, 1e-5 if dtype == jnp.float32 else 2e-2)
 
 
 @pytest.mark.parametrize('padded', [False, True])
