@@ -109,6 +109,16 @@ def block_specs(widths: tuple[tuple[int, ...], ...], stem_width: int, bottleneck
 # `__call__` outputs) does not try to record flax Variables.
 
 
+def _declare_batch_norm_variables(module: nn.Module, features: int, param_dtype) -> tuple:
+  """nn.BatchNorm's variables in module's scope: ({'scale', 'bias'}, {'mean', 'var': Variable})."""
+  shape = (features,)
+  scale = module.param('scale', nn.initializers.ones, shape, param_dtype)
+  bias = module.param('bias', nn.initializers.zeros, shape, param_dtype)
+  mean = module.variable('batch_stats', 'mean', lambda: jnp.zeros(shape, jnp.float32))
+  var = module.variable('batch_stats', 'var', lambda: jnp.ones(shape, jnp.float32))
+  return {'scale': scale, 'bias': bias}, {'mean': mean, 'var': var}
+
+
 class BatchNormVariables(nn.Module):
   """nn.BatchNorm's variables (params scale/bias, batch_stats mean/var), without its compute."""
   features: int
@@ -116,12 +126,7 @@ class BatchNormVariables(nn.Module):
 
   @nn.compact
   def create(self):
-    shape = (self.features,)
-    scale = self.param('scale', nn.initializers.ones, shape, self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros, shape, self.param_dtype)
-    mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(shape, jnp.float32))
-    var = self.variable('batch_stats', 'var', lambda: jnp.ones(shape, jnp.float32))
-    return {'scale': scale, 'bias': bias}, {'mean': mean, 'var': var}
+    return _declare_batch_norm_variables(self, self.features, self.param_dtype)
 
 
 class ConvVariables(nn.Module):
@@ -294,11 +299,7 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    shape = (x.shape[-1],)
-    params = {'scale': self.param('scale', nn.initializers.ones, shape, self.param_dtype),
-              'bias': self.param('bias', nn.initializers.zeros, shape, self.param_dtype)}
-    stats = {'mean': self.variable('batch_stats', 'mean', lambda: jnp.zeros(shape, jnp.float32)),
-             'var': self.variable('batch_stats', 'var', lambda: jnp.ones(shape, jnp.float32))}
+    params, stats = _declare_batch_norm_variables(self, x.shape[-1], self.param_dtype)
     train = not self.use_running_average
     y, batch = batch_norm(x, params, {k: v.value for k, v in stats.items()}, train, self.epsilon,
                           self.dtype)

@@ -116,11 +116,12 @@ def block_widths(depth: int, alpha: float, bottleneck: bool = False, widening: s
   return tuple(widths)
 
 
-def _conv_and_norm(module: nn.Module, train: bool):
-  """The bias-free He-initialised conv and the BatchNorm every layer of a PyramidNet uses."""
+def _conv_and_norm(module: nn.Module, train: bool, norm: type[nn.Module] = nn.BatchNorm):
+  """The bias-free He-initialised conv and the BatchNorm (`norm`, with nn.BatchNorm's fields)
+  every layer of a PyramidNet uses."""
   conv = functools.partial(Conv, kernel_init=conv_init, dtype=module.dtype,
                            param_dtype=module.param_dtype)
-  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
+  norm = functools.partial(norm, use_running_average=not train, momentum=BN_MOMENTUM,
                            epsilon=BN_EPSILON, dtype=module.dtype, param_dtype=module.param_dtype)
   return conv, norm
 

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from pyramidnet_jax import conv
-from pyramidnet_jax import models
 from pyramidnet_jax import remat
 from pyramidnet_jax.blocks import BatchNorm
 from pyramidnet_jax.models import _check_choice
+from pyramidnet_jax.models import _conv_and_norm as _pyramidnet_conv_and_norm
 from pyramidnet_jax.models import _pad
 from pyramidnet_jax.models import _torch_linear_init
 from pyramidnet_jax.models import conv_init
@@ -158,13 +158,8 @@ class PyConv(nn.Module):
     return jnp.concatenate(outs, axis=-1)
 
 
-def _conv_and_norm(module: nn.Module, train: bool):
-  """models' conv, and a BatchNorm trained with the textbook gradient (blocks.BatchNorm)."""
-  conv, _ = models._conv_and_norm(module, train)  # pylint: disable=protected-access
-  norm = functools.partial(BatchNorm, use_running_average=not train, momentum=models.BN_MOMENTUM,
-                           epsilon=models.BN_EPSILON, dtype=module.dtype,
-                           param_dtype=module.param_dtype)
-  return conv, norm
+# PyramidNet's conv, and a BatchNorm trained with the textbook gradient (blocks.BatchNorm).
+_conv_and_norm = functools.partial(_pyramidnet_conv_and_norm, norm=BatchNorm)
 
 
 def _pyramid(module: nn.Module, planes: int, kernels: Sequence[int], divisors: Sequence[int],
