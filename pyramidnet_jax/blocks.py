@@ -112,8 +112,8 @@ def block_specs(widths: tuple[tuple[int, ...], ...], stem_width: int, bottleneck
 def _declare_batch_norm_variables(module: nn.Module, features: int, param_dtype) -> tuple:
   """nn.BatchNorm's variables in module's scope: ({'scale', 'bias'}, {'mean', 'var': Variable})."""
   shape = (features,)
-  scale = module.param('scale', nn.initializers.ones, shape, param_dtype)
-  bias = module.param('bias', nn.initializers.zeros, shape, param_dtype)
+  scale = conv.declare_param(module, 'scale', nn.initializers.ones, shape, param_dtype)
+  bias = conv.declare_param(module, 'bias', nn.initializers.zeros, shape, param_dtype)
   mean = module.variable('batch_stats', 'mean', lambda: jnp.zeros(shape, jnp.float32))
   var = module.variable('batch_stats', 'var', lambda: jnp.ones(shape, jnp.float32))
   return {'scale': scale, 'bias': bias}, {'mean': mean, 'var': var}
@@ -137,7 +137,8 @@ class ConvVariables(nn.Module):
 
   @nn.compact
   def create(self):
-    return {'kernel': self.param('kernel', self.kernel_init, self.shape, self.param_dtype)}
+    return {'kernel': conv.declare_param(self, 'kernel', self.kernel_init, self.shape,
+                                         self.param_dtype)}
 
 
 class BlockVariables(nn.Module):

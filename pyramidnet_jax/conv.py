@@ -18,6 +18,7 @@ import functools
 from typing import Any, Callable
 
 from absl import logging
+import flax
 import flax.linen as nn
 import jax
 import jax.extend
@@ -150,6 +151,23 @@ def _conv2d_bwd(stride, padding, groups, residuals, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def declare_param(module: nn.Module, name: str, init_fn: Callable[..., Any],
+                  shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  """module.param(name, init_fn, shape, dtype), a given value checked against `shape` alone.
+
+  Given a value (in apply), nn.Module.param checks its shape by tracing init_fn with
+  jax.eval_shape, for every parameter at every trace: 0.45 s of PyramidNet-272 a200's 3.4 s
+  training-step trace. This declares the same variable (name, collection, random stream, so
+  the same initial values) and raises the same error as flax on a shape mismatch.
+  """
+  shape = tuple(shape)
+  value = module.variable('params', name,
+                          lambda: init_fn(module.make_rng('params'), shape, dtype)).value
+  if jnp.shape(value) != shape:
+    raise flax.errors.ScopeParamShapeError(name, module.scope.path_text, jnp.shape(value), shape)
+  return value
+
+
 class Conv(nn.Module):
   """Bias-free 2-D convolution, a drop-in for nn.Conv(use_bias=False) with the CPU-fast gradient."""
   features: int
@@ -163,6 +181,6 @@ class Conv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
-    kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
-                        self.param_dtype)
+    kernel = declare_param(self, 'kernel', self.kernel_init,
+                           (k, k, x.shape[-1], self.features), self.param_dtype)
     return conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)

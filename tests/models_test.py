@@ -14,7 +14,9 @@ import os
 import subprocess
 import sys
 import types
+from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -1179,3 +1181,56 @@ def test_import_does_not_load_tensorflow_or_torch():
        "import pyramidnet_jax, sys; print('tensorflow' in sys.modules or 'torch' in sys.modules)"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True)
   assert result.stdout.strip() == 'False'
+
+
+class _DeclaresWithFlax(nn.Module):
+  @nn.compact
+  def __call__(self):
+    return self.param('kernel', nn.initializers.he_normal(), (3, 3, 4, 5), jnp.float32)
+
+
+class _DeclaresWithDeclareParam(nn.Module):
+  init_fn: Any = nn.initializers.he_normal()
+
+  @nn.compact
+  def __call__(self):
+    return conv.declare_param(self, 'kernel', self.init_fn, (3, 3, 4, 5), jnp.float32)
+
+
+def test_declare_param_initialises_exactly_as_flax_param():
+  # Same name, collection and random stream as nn.Module.param: the same initial values.
+  want = _DeclaresWithFlax().init(rng(3))
+  got = _DeclaresWithDeclareParam().init(rng(3))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  np.testing.assert_array_equal(got['params']['kernel'], want['params']['kernel'])
+  np.testing.assert_array_equal(_DeclaresWithDeclareParam().apply(got), want['params']['kernel'])
+
+
+def test_declare_param_does_not_trace_the_initialiser_when_given_a_value():
+  calls = []
+
+  def init_fn(key, shape, dtype):
+    calls.append(shape)
+    return jnp.zeros(shape, dtype)
+
+  module = _DeclaresWithDeclareParam(init_fn=init_fn)
+  variables = module.init(rng())
+  assert calls == [(3, 3, 4, 5)]
+  jax.jit(module.apply)(variables)  # flax's own param would eval_shape init_fn here.
+  assert calls == [(3, 3, 4, 5)]
+
+
+def test_declare_param_rejects_a_value_of_another_shape_as_flax_does():
+  variables = {'params': {'kernel': jnp.zeros((3, 3, 4, 6))}}
+  with pytest.raises(flax.errors.ScopeParamShapeError,
+                     match=r'shape \(3, 3, 4, 5\).*has shape \(3, 3, 4, 6\)'):
+    _DeclaresWithDeclareParam().apply(variables)
+  with pytest.raises(flax.errors.ScopeParamShapeError):
+    _DeclaresWithFlax().apply(variables)
+
+
+def test_a_network_rejects_variables_of_another_width():
+  # E.g. a checkpoint converted for another alpha: a clear error, not a silent broadcast.
+  variables = PyramidNet(depth=8, alpha=8, num_classes=10).init(rng(), jnp.zeros((1, 8, 8, 3)))
+  with pytest.raises(flax.errors.ScopeParamShapeError, match='layer1_0'):
+    PyramidNet(depth=8, alpha=12, num_classes=10).apply(variables, jnp.zeros((1, 8, 8, 3)))
