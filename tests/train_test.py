@@ -345,6 +345,31 @@ def test_weight_decay_reaches_every_parameter_bn_and_bias_included(nesterov):
                              rtol=1e-6)
 
 
+
+def test_the_optimizer_computes_the_learning_rate_once_per_step_with_the_same_values():
+  config = schedule_config(lr_schedule='piecewise', lr_boundaries=(2, 3), warmup_epochs=1)
+  lr_fn = train.create_learning_rate_fn(config, 10, 100)
+  tx = train.create_optimizer(config, lr_fn)
+  params = [jnp.full((i + 1, 3), 0.5) for i in range(40)]
+  grads = [jnp.full(p.shape, 0.25) for p in params]
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  plain = optax.chain(optax.add_decayed_weights(config.weight_decay),
+                      optax.sgd(lr_fn, momentum=config.momentum, nesterov=config.nesterov))
+  plain_update = jax.jit(lambda g, s, p: plain.update(g, s, p)[0])
+  state = tx.init(params)
+  for step in range(40):  # Warm-up, both boundaries: every step's rate is the schedule's.
+    updates, new_state = update(grads, state, params)
+    want = plain_update(grads, state, params)
+    for got_leaf, want_leaf in zip(updates, want):
+      np.testing.assert_array_equal(got_leaf, want_leaf, err_msg=f'step {step}')
+    state = new_state
+  # XLA:CPU would copy the schedule's scalar arithmetic into each of the 40 leaves' update
+  # kernels; inside the conditional it is there once per branch (the piecewise schedule takes
+  # the sign of the step's distance to each boundary).
+  hlo = update.lower(grads, tx.init(params), params).compile().as_text()
+  assert hlo.count(' sign(') == 2 * len(config.lr_boundaries), hlo
+
+
 @pytest.mark.parametrize('smoothing', [0.0, 0.1, 0.3])
 def test_cross_entropy_with_label_smoothing_matches_the_formula(smoothing):
   rng = np.random.default_rng(1)
