@@ -345,7 +345,6 @@ def test_weight_decay_reaches_every_parameter_bn_and_bias_included(nesterov):
                              rtol=1e-6)
 
 
-
 def test_the_optimizer_computes_the_learning_rate_once_per_step_with_the_same_values():
   config = schedule_config(lr_schedule='piecewise', lr_boundaries=(2, 3), warmup_epochs=1)
   lr_fn = train.create_learning_rate_fn(config, 10, 100)
