@@ -18,6 +18,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
+from pyramidnet_jax import compile_cache
 from pyramidnet_jax import input_pipeline
 from pyramidnet_jax import loading
 from pyramidnet_jax import train
@@ -86,7 +87,7 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])}')
-  train.enable_compilation_cache(FLAGS.compilation_cache_dir)
+  compile_cache.enable(FLAGS.compilation_cache_dir)
   try:
     result = evaluate_workdir(FLAGS.workdir, FLAGS.which, FLAGS.split, FLAGS.batch_size or None,
                               FLAGS.out or None)
@@ -105,7 +106,7 @@ def _define_flags() -> None:
   flags.DEFINE_enum('split', 'test', list(SPLITS), 'Split to evaluate on.')
   flags.DEFINE_integer('batch_size', 0, 'Eval batch size (0: the config\'s eval_batch_size).')
   flags.DEFINE_string('out', '', 'Report directory (default: WORKDIR/report).')
-  flags.DEFINE_string('compilation_cache_dir', train.DEFAULT_COMPILATION_CACHE_DIR,
+  flags.DEFINE_string('compilation_cache_dir', compile_cache.DEFAULT_DIR,
                       'Persistent XLA cache (\'\' turns it off): the second run starts faster.')
   flags.mark_flag_as_required('workdir')
 

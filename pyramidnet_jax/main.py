@@ -16,6 +16,7 @@ import jax
 from ml_collections import config_flags
 
 from pyramidnet_jax import cli
+from pyramidnet_jax import compile_cache
 from pyramidnet_jax import evaluate
 from pyramidnet_jax import train
 
@@ -63,7 +64,7 @@ def main(argv):
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   except ValueError as e:
     sys.exit(f'error: {e}')
-  train.enable_compilation_cache(FLAGS.config.compilation_cache_dir)
+  compile_cache.enable(FLAGS.config.compilation_cache_dir)
   try:
     results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     report = None

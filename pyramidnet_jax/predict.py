@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from pyramidnet_jax import compile_cache
 from pyramidnet_jax import input_pipeline
 from pyramidnet_jax import loading
 from pyramidnet_jax import train
@@ -151,7 +152,7 @@ def main(argv: list[str]) -> None:
   from absl import logging  # pylint: disable=g-import-not-at-top
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   logging.set_verbosity(logging.WARNING)
-  train.enable_compilation_cache(FLAGS.compilation_cache_dir)
+  compile_cache.enable(FLAGS.compilation_cache_dir)
   if len(argv) < 2:
     sys.exit('error: give image files or folders to classify, e.g. '
              'python -m pyramidnet_jax.predict --workdir=runs/demo photo.png photos/')
@@ -186,7 +187,7 @@ def _define_flags() -> None:
   flags.DEFINE_string('dataset', '', 'Override the dataset whose transform and class names to '
                       'use (fashion_mnist, cifar10, cifar100, imagenet2012).')
   flags.DEFINE_bool('json', False, 'Print one JSON object per image.')
-  flags.DEFINE_string('compilation_cache_dir', train.DEFAULT_COMPILATION_CACHE_DIR,
+  flags.DEFINE_string('compilation_cache_dir', compile_cache.DEFAULT_DIR,
                       'Persistent XLA cache (\'\' turns it off): the second run starts faster.')
   flags.mark_flag_as_required('workdir')
 

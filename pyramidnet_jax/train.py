@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from pyramidnet_jax import checkpoints
+from pyramidnet_jax import compile_cache
 from pyramidnet_jax import conv
 from pyramidnet_jax import input_pipeline
 from pyramidnet_jax import models
@@ -40,7 +41,6 @@ from pyramidnet_jax import pyconv
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 CLASS_NAMES_FILE = 'class_names.json'
-DEFAULT_COMPILATION_CACHE_DIR = '~/.cache/pyramidnet_jax/xla'  # As configs/default.py.
 
 
 class TrainState(train_state.TrainState):
@@ -48,13 +48,6 @@ class TrainState(train_state.TrainState):
 
 
 MODEL_NAMES = ('pyramidnet', 'pyconvresnet', 'pyconvhgresnet')
-
-
-def enable_compilation_cache(cache_dir: str = DEFAULT_COMPILATION_CACHE_DIR) -> None:
-  """Persistent XLA cache: deep nets with a different width per block compile slowly."""
-  if cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 _SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler'
@@ -282,18 +275,33 @@ def python_gc_paused():
       gc.enable()
 
 
-class GcPausedJit:
-  """A jitted function whose calls, traces and lowerings run with python_gc_paused.
+class FastStartJit:
+  """A jitted function that starts fast: its calls, traces and lowerings run with python_gc_paused,
+  and its first call loads the persistent cache entry its last compile read while it traces
+  (compile_cache.prefetching; `context` says what else the program depends on, e.g. the config).
 
   Each call pauses the collector only while it lasts; other attributes are the jitted function's.
   """
 
-  def __init__(self, jitted: Callable[..., Any]):
+  def __init__(self, jitted: Callable[..., Any], name: str, context: str = ''):
     self.jitted = jitted
+    self.name = name
+    self.context = context
+    self.first_call_prefetch: str | None = None  # Its Prefetch.outcome, once called.
 
   def __call__(self, *args, **kwargs):
     with python_gc_paused():
-      return self.jitted(*args, **kwargs)
+      if self.first_call_prefetch is not None:
+        return self.jitted(*args, **kwargs)
+      with self.prefetching(*args) as prefetch:
+        try:
+          return self.jitted(*args, **kwargs)
+        finally:
+          self.first_call_prefetch = prefetch.outcome
+
+  def prefetching(self, *args) -> contextlib.AbstractContextManager[compile_cache.Prefetch]:
+    """For an ahead-of-time lower().compile() of these arguments in the block."""
+    return compile_cache.prefetching(self.name, args, self.context)
 
   def trace(self, *args, **kwargs):
     with python_gc_paused():
@@ -340,12 +348,14 @@ def create_runtime(config: ml_collections.ConfigDict, learning_rate_fn: optax.Sc
   step = functools.partial(train_step, learning_rate_fn=learning_rate_fn,
                            label_smoothing=config.label_smoothing,
                            dropout_key=jax.random.key(config.seed + 1))
+  context = config.to_json_best_effort(sort_keys=True)
   return Runtime(
       mesh=mesh, data_sharding=data_sharding, replicated=replicated,
-      train_step=GcPausedJit(jax.jit(step, in_shardings=(replicated, data_sharding),
-                                     out_shardings=(replicated, replicated), donate_argnums=0)),
-      eval_step=GcPausedJit(jax.jit(eval_step, in_shardings=(replicated, data_sharding),
-                                    out_shardings=replicated)))
+      train_step=FastStartJit(jax.jit(step, in_shardings=(replicated, data_sharding),
+                                      out_shardings=(replicated, replicated), donate_argnums=0),
+                              'train_step', context),
+      eval_step=FastStartJit(jax.jit(eval_step, in_shardings=(replicated, data_sharding),
+                                     out_shardings=replicated), 'eval_step', context))
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: models.PyramidNet,

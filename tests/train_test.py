@@ -133,7 +133,7 @@ def test_compiled_steps_trace_with_the_collector_paused_and_restore_it():
     seen.append(gc.isenabled())
     return x + 1
 
-  jitted = train.GcPausedJit(jax.jit(step))
+  jitted = train.FastStartJit(jax.jit(step), 'step')
   assert gc.isenabled()
   assert int(jitted(1)) == 2
   np.testing.assert_array_equal(jitted.lower(jnp.ones(3)).compile()(jnp.ones(3)), 2)
