@@ -3,7 +3,9 @@
 The device count is fixed when JAX starts its CPU backend, so the comparison runs in a fresh
 Python process with XLA_FLAGS=--xla_force_host_platform_device_count=8: this file, run as a script,
 is that worker. It trains the same initial state on the same batches with a one-device and an
-eight-device runtime and writes both results to an .npz file, which the test compares.
+eight-device runtime and writes both results to an .npz file, which the test compares. It then
+starts the eight-device run again from the persistent cache, as a new process would (in-memory
+caches cleared), and its step must load the entry while it traces and train bit for bit the same.
 """
 
 import os
@@ -34,10 +36,14 @@ def _dataset():
       class_names=tuple(map(str, range(10))), mean=(0.5,), std=(0.25,), augmentation='none')
 
 
-def worker(out_path: str) -> None:
+def worker(out_path: str, cache_dir: str) -> None:
   import jax  # pylint: disable=g-import-not-at-top
+  from pyramidnet_jax import compile_cache  # pylint: disable=g-import-not-at-top
   from pyramidnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from pyramidnet_jax import train  # pylint: disable=g-import-not-at-top
+
+  compile_cache.enable(cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)  # Tiny steps written too.
 
   devices = jax.devices()
   assert len(devices) == NUM_DEVICES, devices
@@ -58,7 +64,10 @@ def worker(out_path: str) -> None:
   eval_batch = next(input_pipeline.eval_batches(dataset.test, config.eval_batch_size,
                                                 dataset.mean, dataset.std))
   out = {}
+  runtimes['eight_again'] = train.create_runtime(config, lr_fn, devices=devices)
   for name, runtime in runtimes.items():
+    if name == 'eight_again':
+      jax.clear_caches()  # Nothing compiled in memory: a new process, with the same disk cache.
     state = jax.device_put(initial, runtime.replicated)
     for step in range(NUM_STEPS):
       batch = input_pipeline.train_batch(dataset, config.batch_size, config.seed, 0, step,
@@ -76,6 +85,7 @@ def worker(out_path: str) -> None:
     sums = runtime.eval_step(state, runtime.put_batch(eval_batch))
     for key, value in jax.device_get(sums).items():
       out[f'{name}/eval/{key}'] = np.asarray(value)
+    out[f'{name}/prefetch'] = np.asarray(runtime.train_step.first_call_prefetch)
   initial_params = helpers.flat_leaves(initial.params)
   for key, value in initial_params.items():
     out[f'initial/params/{key}'] = value
@@ -87,7 +97,8 @@ def test_eight_devices_match_one_device(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
                       f' --xla_force_host_platform_device_count={NUM_DEVICES}').strip()
-  process = subprocess.run([sys.executable, os.path.abspath(__file__), out_path],
+  process = subprocess.run([sys.executable, os.path.abspath(__file__), out_path,
+                            str(tmp_path / 'xla_cache')],
                            cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=540)
   assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-5000:]
   with np.load(out_path) as data:
@@ -120,6 +131,16 @@ def test_eight_devices_match_one_device(tmp_path):
   # Exact agreement on the counts of the evaluation.
   assert one['eval/count'] == eight['eval/count'] == 32
 
+  # The second eight-device start loaded its step's entry while tracing (the one-device step's
+  # entry, recorded just before, has other shardings and was not taken) and trained identically.
+  assert str(out['one/prefetch']) == str(out['eight/prefetch']) == 'no hint'
+  assert str(out['eight_again/prefetch']) == 'used'
+  again = {k[len('eight_again/'):]: v for k, v in out.items() if k.startswith('eight_again/state/')
+           or k.startswith('eight_again/metrics/') or k.startswith('eight_again/eval/')}
+  assert sorted(again) == sorted(eight)
+  for key in sorted(eight):
+    np.testing.assert_array_equal(again[key], eight[key], err_msg=key)
+
 
 if __name__ == '__main__':
-  worker(sys.argv[1])
+  worker(sys.argv[1], sys.argv[2])
