@@ -17,24 +17,15 @@ import pytest
 
 from pyramidnet_jax import compile_cache
 from pyramidnet_jax import train
+from tests import helpers
 
 
 @pytest.fixture(autouse=True)
 def cache_dir(tmp_path):
   """A fresh persistent cache per test (every compile written), JAX's settings restored after."""
-  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes', 'jax_enable_compilation_cache')
-  saved = {name: getattr(jax.config, name) for name in names}
-  cc.reset_cache()
   jax.clear_caches()
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path / 'xla'))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-  yield str(tmp_path / 'xla')
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
+  with helpers.persistent_compilation_cache(str(tmp_path / 'xla')) as path:
+    yield path
   jax.clear_caches()
 
 
@@ -139,7 +130,7 @@ def test_off_without_a_persistent_cache():
 def test_off_where_jax_has_no_cache_read_to_hook(monkeypatch):
   from jax._src import compiler  # pylint: disable=g-import-not-at-top
   args = _args()
-  monkeypatch.setattr(compile_cache, '_original_read', None)
+  monkeypatch.setattr(compile_cache, '_hook_installed', False)
   monkeypatch.setattr(compiler, '_cache_read', lambda cache_key, backend: (None, None))
   with compile_cache.prefetching('step', args) as prefetch:
     pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -26,6 +27,25 @@ HAVE_FASHION = all(
     for pair in input_pipeline.FASHION_MNIST_FILES.values() for f in pair)
 needs_fashion = pytest.mark.skipif(
     not HAVE_FASHION, reason='needs the real Fashion-MNIST: `apt-get install dataset-fashion-mnist`')
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(cache_dir: str):
+  """JAX's persistent cache in cache_dir, every compile written; JAX's settings restored after."""
+  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+           'jax_persistent_cache_min_entry_size_bytes', 'jax_enable_compilation_cache')
+  saved = {name: getattr(jax.config, name) for name in names}
+  cc.reset_cache()
+  jax.config.update('jax_compilation_cache_dir', cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
+  try:
+    yield cache_dir
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    cc.reset_cache()
 
 
 def tiny_config(**overrides):

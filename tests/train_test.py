@@ -39,18 +39,8 @@ def compilation_cache(tmp_path_factory):
   second and later runs of the same configuration load their executables instead (measured:
   ~20 s -> ~5 s per run). Results are unaffected: a cached executable is the compiled program.
   """
-  from jax.experimental.compilation_cache import compilation_cache as cc  # pylint: disable=g-import-not-at-top
-  names = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-           'jax_persistent_cache_min_entry_size_bytes')
-  saved = {name: getattr(jax.config, name) for name in names}
-  cc.reset_cache()
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('xla_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
+  with helpers.persistent_compilation_cache(str(tmp_path_factory.mktemp('xla_cache'))):
+    yield
 
 
 def train_lines(workdir):
