@@ -79,9 +79,10 @@ def _device_ids(executable_devices: Any) -> list[int]:
 class Prefetch:
   """One `prefetching` block: the hint it read, the load it started, and what came of it.
 
-  outcome: 'off' (no local persistent cache, or a JAX without the hook), 'no hint' (nothing
-  recorded for this signature yet), 'used' (JAX's read was answered by the preloaded executable),
-  'not used' (the program's key, options or devices differed, or the entry did not load).
+  outcome: 'off' (no local persistent cache, a JAX without the hook, or inside another
+  `prefetching` block), 'no hint' (nothing recorded for this signature yet), 'used' (JAX's read
+  was answered by the preloaded executable), 'not used' (the program's key, options or devices
+  differed, or the entry did not load).
   """
 
   def __init__(self, hint_path: str | None):
@@ -172,13 +173,13 @@ class Prefetch:
 
 
 _active: Prefetch | None = None
-_original_read: Any = None
+_hook_installed = False
 
 
 def _install_hook() -> bool:
   """Routes JAX's cache reads through the active Prefetch; False where JAX has no such read."""
-  global _original_read
-  if _original_read is not None:
+  global _hook_installed
+  if _hook_installed:
     return True
   try:
     from jax._src import compiler  # pylint: disable=g-import-not-at-top
@@ -197,7 +198,7 @@ def _install_hook() -> bool:
     return original(module_name, cache_key, compile_options, backend, executable_devices)
 
   compiler._cache_read = cache_read  # pylint: disable=protected-access
-  _original_read = original
+  _hook_installed = True
   return True
 
 
