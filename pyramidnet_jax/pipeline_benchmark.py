@@ -6,14 +6,14 @@
   python -m pyramidnet_jax.pipeline_benchmark --config=configs/imagenet_200_a300.py \
       --config.dataset=folder:/data/my_images --config.batch_size=64
 
-Builds the batches a run would get (`--split=train`: input_pipeline.train_batches with
+Builds the batches a run would get (`--split=train`: the training split's train_batches with
 config.batch_size, config.augment and the colour options, from epoch --epoch on; `test` or
-`validation`: eval_batches with config.eval_batch_size) and times each one as the training loop
-asks for it. After --warmup untimed batches (the first ones start threads and trace tf.data
-functions), prints the median images/s over --batches timed batches (batch size / median time per
-batch) and the overall rate (timed images / timed seconds). A streamed dataset (ImageNet, image
-folders) is measured for one process: --process_index of --process_count, whose part of each global
-batch is batch_size / process_count.
+`validation`: that split's eval_batches with config.eval_batch_size) and times each one as the
+training loop asks for it. After --warmup untimed batches (the first ones start threads and trace
+tf.data functions), prints the median images/s over --batches timed batches (batch size / median
+time per batch) and the overall rate (timed images / timed seconds). The pipeline is measured for
+one process: --process_index of --process_count, whose part of each global batch is batch_size /
+process_count (a streamed dataset reads only that process's shard).
 
 Input bounds a run when this rate is not well above the training step's images/s on the same
 machine (`python -m pyramidnet_jax.benchmark`, or images per epoch / epoch time in a run's log):
@@ -32,7 +32,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from pyramidnet_jax import cli
-from pyramidnet_jax import input_pipeline
+from pyramidnet_jax import data
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -41,34 +41,32 @@ flags.DEFINE_integer('batches', 50, 'Timed batches.', lower_bound=1)
 flags.DEFINE_integer('warmup', 5, 'Untimed batches before them.', lower_bound=0)
 flags.DEFINE_integer('epoch', 0, 'Training epoch to start from (its order and augmentation).',
                      lower_bound=0)
-flags.DEFINE_integer('process_index', 0, 'Streamed datasets: the process whose shard is read.',
+flags.DEFINE_integer('process_index', 0, 'The process whose part of each batch is built.',
                      lower_bound=0)
-flags.DEFINE_integer('process_count', 1, 'Streamed datasets: the number of processes.',
+flags.DEFINE_integer('process_count', 1, 'The number of processes.',
                      lower_bound=1)
 flags.mark_flags_as_required(['config'])
 
 
-def batch_stream(dataset: input_pipeline.Dataset, config, split: str, epoch: int):
+def batch_stream(dataset: data.Dataset, config, split: str, epoch: int):
   """Batches without end: training epochs one after another, or evaluation passes repeated."""
   if split == 'train':
     while True:
-      yield from input_pipeline.train_batches(dataset, config.batch_size, config.seed, epoch,
-                                              config.augment)
+      yield from dataset.train.train_batches(config.batch_size, config.seed, epoch)
       epoch += 1
   examples = dataset.test if split == 'test' else dataset.validation
   if examples is None:
     raise ValueError('--split=validation needs a validation split: set '
                      '--config.validation_fraction (e.g. 0.1).')
   while True:
-    yield from input_pipeline.eval_batches(examples, config.eval_batch_size, dataset.mean,
-                                           dataset.std)
+    yield from examples.eval_batches(config.eval_batch_size)
 
 
 def measure(config, split: str = 'train', batches: int = 50, warmup: int = 5, epoch: int = 0,
             process_index: int = 0, process_count: int = 1) -> dict[str, float]:
   """Loads config's dataset and times `batches` batches after `warmup`; returns the figures."""
   start = time.perf_counter()
-  dataset = input_pipeline.load_dataset(config, process_index, process_count)
+  dataset = data.load_dataset(config, process_index, process_count)
   load_s = time.perf_counter() - start
   stream = batch_stream(dataset, config, split, epoch)
   times, sizes = [], []
@@ -85,11 +83,10 @@ def measure(config, split: str = 'train', batches: int = 50, warmup: int = 5, ep
   stream.close()
   median = statistics.median(times)
   if split == 'train':
-    per_pass = input_pipeline.steps_per_epoch(dataset, config.batch_size)
+    per_pass = dataset.train.steps_per_epoch(config.batch_size)
   else:
     examples = dataset.test if split == 'test' else dataset.validation
-    shard = getattr(examples, 'max_shard_size', len(examples))
-    per_pass = -(-shard // sizes[0])
+    per_pass = examples.eval_steps(config.eval_batch_size)
   return {
       'dataset': dataset.name, 'split': split, 'batch_size': sizes[0], 'batches_per_pass': per_pass,
       'image_shape': tuple(batch['image'].shape[1:]), 'batches': batches, 'warmup': warmup,

@@ -1,4 +1,5 @@
-"""Tests for the streaming ImageNet path of pyramidnet_jax.input_pipeline.
+"""Tests for the streamed ImageNet source (TfdsSplit in pyramidnet_jax.data.tfds_sources) and
+the ImageNet transforms (pyramidnet_jax.data.transforms).
 
 ImageNet cannot be downloaded here, so two stand-ins are used:
 * tfds.testing.mock_data: the real imagenet2012 builder and features, random JPEGs of 5-50 pixels
@@ -9,22 +10,23 @@ ImageNet cannot be downloaded here, so two stand-ins are used:
   its label and its pixels.
 """
 
-import dataclasses
 import os
 import types
 
+import chex
 import numpy as np
 import pytest
 
-from pyramidnet_jax import input_pipeline as ip
+from pyramidnet_jax import data
+from pyramidnet_jax.data import transforms
 
 tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
 
 NUM_MOCK = 64
 VALIDATION_OFFSET = 500  # Labels of the fake 'validation' split: 500 + i.
-MEAN = np.asarray(ip.IMAGENET_MEAN, np.float32)
-STD = np.asarray(ip.IMAGENET_STD, np.float32)
+MEAN = np.asarray(transforms.IMAGENET_MEAN, np.float32)
+STD = np.asarray(transforms.IMAGENET_STD, np.float32)
 
 
 def make_config(**overrides):
@@ -76,7 +78,7 @@ def fake_dir(tmp_path_factory):
 def mocked():
   """The mocked imagenet2012 Dataset; batches must be built inside this fixture's test."""
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    yield ip.load_dataset(make_config())
+    yield data.load_dataset(make_config())
 
 
 def concat(batches, key):
@@ -84,11 +86,7 @@ def concat(batches, key):
 
 
 def assert_same_batches(expected, actual):
-  assert len(expected) == len(actual)
-  for a, b in zip(expected, actual):
-    assert a.keys() == b.keys()
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key])
+  chex.assert_trees_all_equal(expected, actual)  # Same structure, bit-identical arrays.
 
 
 # --- Under tfds.testing.mock_data ----------------------------------------------------------
@@ -97,21 +95,22 @@ def assert_same_batches(expected, actual):
 def test_mock_dataset_fields(mocked):
   assert mocked.name == 'imagenet2012' and mocked.num_classes == 1000
   assert len(mocked.class_names) == 1000 and mocked.class_names[0] == 'n01440764'
-  assert mocked.mean == ip.IMAGENET_MEAN and mocked.std == ip.IMAGENET_STD
-  assert mocked.augmentation == 'imagenet' and mocked.validation is None
-  assert isinstance(mocked.train, ip.TfdsSplit) and isinstance(mocked.test, ip.TfdsSplit)
+  assert mocked.mean == transforms.IMAGENET_MEAN and mocked.std == transforms.IMAGENET_STD
+  assert mocked.preprocessing == data.preprocessing_of('imagenet2012')
+  assert mocked.preprocessing.augmentation == 'imagenet' and mocked.validation is None
+  assert isinstance(mocked.train, data.TfdsSplit) and isinstance(mocked.test, data.TfdsSplit)
   assert (mocked.train.split, mocked.test.split) == ('train', 'validation')
   assert len(mocked.train) == len(mocked.test) == NUM_MOCK
   assert mocked.image_shape == (224, 224, 3)
-  assert ip.steps_per_epoch(mocked, 16) == 4 and ip.steps_per_epoch(mocked, 48) == 1
-  with pytest.raises(ValueError, match='fewer than one batch'):
-    ip.steps_per_epoch(mocked, 128)
-  with pytest.raises(TypeError, match='train_batches'):
-    ip.train_batch(mocked, 16, seed=0, epoch=0, index=0, augment=True)
+  assert mocked.train.steps_per_epoch(16) == 4 and mocked.train.steps_per_epoch(48) == 1
+  with pytest.raises(ValueError, match='imagenet2012 training split has 64 examples, fewer than'):
+    mocked.train.steps_per_epoch(128)
+  # Streamed batches come in order from tf.data; there is no building one by its index.
+  assert not hasattr(mocked.train, 'train_batch')
 
 
 def test_mock_train_batches_shapes_ranges_and_determinism(mocked):
-  full = list(ip.train_batches(mocked, 16, seed=3, epoch=1, augment=True))
+  full = list(mocked.train.train_batches(16, seed=3, epoch=1))
   assert len(full) == 4
   lowest, highest = (0 - MEAN) / STD, (1 - MEAN) / STD
   for batch in full:
@@ -124,16 +123,16 @@ def test_mock_train_batches_shapes_ranges_and_determinism(mocked):
   pixels = denormalize(concat(full, 'image')) / 255.0
   assert 0.35 < pixels.mean() < 0.65 and pixels.std() > 0.05
 
-  again = list(ip.train_batches(mocked, 16, seed=3, epoch=1, augment=True))
+  again = list(mocked.train.train_batches(16, seed=3, epoch=1))
   assert_same_batches(full, again)
-  resumed = list(ip.train_batches(mocked, 16, seed=3, epoch=1, augment=True, start_index=1))
+  resumed = list(mocked.train.train_batches(16, seed=3, epoch=1, start_index=1))
   assert_same_batches(full[1:], resumed)
-  assert list(ip.train_batches(mocked, 16, seed=3, epoch=1, augment=True, start_index=4)) == []
+  assert list(mocked.train.train_batches(16, seed=3, epoch=1, start_index=4)) == []
   with pytest.raises(ValueError, match='start_index'):
-    ip.train_batches(mocked, 16, seed=3, epoch=1, augment=True, start_index=5)
+    mocked.train.train_batches(16, seed=3, epoch=1, start_index=5)
 
-  other_epoch = list(ip.train_batches(mocked, 16, seed=3, epoch=2, augment=True))
-  other_seed = list(ip.train_batches(mocked, 16, seed=4, epoch=1, augment=True))
+  other_epoch = list(mocked.train.train_batches(16, seed=3, epoch=2))
+  other_seed = list(mocked.train.train_batches(16, seed=4, epoch=1))
   for other in (other_epoch, other_seed):
     assert not np.array_equal(concat(full, 'label'), concat(other, 'label'))
     # Same examples (mock_data serves all 64 whatever the split), another order.
@@ -141,8 +140,8 @@ def test_mock_train_batches_shapes_ranges_and_determinism(mocked):
 
 
 def test_mock_eval_batches_are_deterministic_and_padded(mocked):
-  first = list(ip.eval_batches(mocked.test, 24, mocked.mean, mocked.std))
-  second = list(ip.eval_batches(mocked.test, 24, mocked.mean, mocked.std))
+  first = list(mocked.test.eval_batches(24))
+  second = list(mocked.test.eval_batches(24))
   assert_same_batches(first, second)
   assert len(first) == 3
   for batch in first:
@@ -162,10 +161,11 @@ def test_mock_eval_batches_are_deterministic_and_padded(mocked):
 
 def test_mock_unaugmented_training_uses_the_eval_transform():
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    dataset = ip.load_dataset(make_config(augment=False))
-    assert dataset.augmentation == 'none'
-    plain = list(ip.train_batches(dataset, 32, seed=0, epoch=0, augment=True))
-    evaluated = list(ip.eval_batches(dataset.test, 64, dataset.mean, dataset.std))[0]
+    dataset = data.load_dataset(make_config(augment=False))
+    assert dataset.preprocessing.augmentation == 'none'
+    assert dataset.train.preprocessing.augmentation == 'none'
+    plain = list(dataset.train.train_batches(32, seed=0, epoch=0))
+    evaluated = list(dataset.test.eval_batches(64))[0]
   # The mock serves the same examples for every split: match them up by label.
   for image, label in zip(concat(plain, 'image'), concat(plain, 'label')):
     candidates = evaluated['image'][evaluated['label'] == label]
@@ -174,7 +174,7 @@ def test_mock_unaugmented_training_uses_the_eval_transform():
 
 def test_mock_validation_hold_out_sizes():
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    dataset = ip.load_dataset(make_config(validation_fraction=0.25))
+    dataset = data.load_dataset(make_config(validation_fraction=0.25))
   assert (dataset.validation.start, dataset.validation.stop) == (0, 16)
   assert (dataset.train.start, dataset.train.stop) == (16, 64)
   assert len(dataset.train) == 48 and len(dataset.test) == 64
@@ -185,7 +185,7 @@ def test_mock_validation_hold_out_sizes():
 
 def test_missing_imagenet_says_how_to_prepare_it(tmp_path):
   with pytest.raises(FileNotFoundError) as error:
-    ip.load_dataset(make_config(data_dir=str(tmp_path)))
+    data.load_dataset(make_config(data_dir=str(tmp_path)))
   message = str(error.value)
   for part in ('manual download', 'ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar',
                os.path.join(str(tmp_path), 'downloads', 'manual'),
@@ -212,9 +212,9 @@ def example_ids(batches):
 
 
 def test_fake_dir_epoch_order_is_a_function_of_seed_and_epoch(fake_dir):
-  dataset = ip.load_dataset(make_config(data_dir=fake_dir))
+  dataset = data.load_dataset(make_config(data_dir=fake_dir))
   assert len(dataset.train) == 64 and len(dataset.test) == 40
-  epoch = lambda e, **kw: list(ip.train_batches(dataset, 8, seed=0, epoch=e, augment=True, **kw))
+  epoch = lambda e, **kw: list(dataset.train.train_batches(8, seed=0, epoch=e, **kw))
   first = epoch(0)
   ids = example_ids(first)
   assert sorted(ids) == list(range(64))  # Every example once.
@@ -224,29 +224,30 @@ def test_fake_dir_epoch_order_is_a_function_of_seed_and_epoch(fake_dir):
 
 
 def test_fake_dir_process_shards_are_disjoint_and_cover_the_split(fake_dir):
-  shards = [ip.load_dataset(make_config(data_dir=fake_dir), process_index=i, process_count=3)
+  shards = [data.load_dataset(make_config(data_dir=fake_dir), process_index=i, process_count=3)
             for i in range(3)]
   assert [d.train.shard_range() for d in shards] == [(0, 21), (21, 42), (42, 64)]
   # Global batch 12 = 4 per process; every process takes 21 // 4 steps.
-  assert {ip.steps_per_epoch(d, 12) for d in shards} == {5}
+  assert {d.train.steps_per_epoch(12) for d in shards} == {5}
   with pytest.raises(ValueError, match='divisible'):
-    ip.steps_per_epoch(shards[0], 10)
+    shards[0].train.steps_per_epoch(10)
 
-  evaluated = [list(ip.eval_batches(d.test, 12, d.mean, d.std)) for d in shards]
-  assert {len(batches) for batches in evaluated} == {4}  # ceil(14 / 4) on every process.
+  evaluated = [list(d.test.eval_batches(12)) for d in shards]
+  # ceil(14 / 4) on every process.
+  assert {len(batches) for batches in evaluated} == {d.test.eval_steps(12) for d in shards} == {4}
   eval_ids = [example_ids(batches) for batches in evaluated]
   np.testing.assert_array_equal(np.concatenate(eval_ids), VALIDATION_OFFSET + np.arange(40))
 
-  trained = [example_ids(ip.train_batches(d, 12, seed=1, epoch=0, augment=True)) for d in shards]
+  trained = [example_ids(d.train.train_batches(12, seed=1, epoch=0)) for d in shards]
   for (begin, end), ids in zip([d.train.shard_range() for d in shards], trained):
     assert len(ids) == 20 and len(set(ids)) == 20 and set(ids) <= set(range(begin, end))
 
 
 def test_fake_dir_validation_hold_out_is_the_head_of_train(fake_dir):
-  dataset = ip.load_dataset(make_config(data_dir=fake_dir, validation_fraction=0.25))
-  held_out = example_ids(ip.eval_batches(dataset.validation, 16, dataset.mean, dataset.std))
+  dataset = data.load_dataset(make_config(data_dir=fake_dir, validation_fraction=0.25))
+  held_out = example_ids(dataset.validation.eval_batches(16))
   np.testing.assert_array_equal(held_out, np.arange(16))
-  trained = example_ids(ip.train_batches(dataset, 16, seed=0, epoch=0, augment=True))
+  trained = example_ids(dataset.train.train_batches(16, seed=0, epoch=0))
   assert sorted(trained) == list(range(16, 64))
 
 
@@ -257,9 +258,9 @@ def test_train_transform_is_stateless_and_random_across_seeds():
   rng = np.random.default_rng(0)
   jpeg = tf.io.encode_jpeg(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
   def run(crop, flip):
-    return ip.imagenet_train_transform(jpeg, tf.constant([crop, 0], tf.int64),
-                                       tf.constant([flip, 0], tf.int64), MEAN, STD,
-                                       size=32).numpy()
+    return transforms.imagenet_train_transform(jpeg, tf.constant([crop, 0], tf.int64),
+                                               tf.constant([flip, 0], tf.int64), MEAN, STD,
+                                               size=32).numpy()
   first = run(1, 1)
   assert first.shape == (32, 32, 3) and first.dtype == np.float32
   np.testing.assert_array_equal(first, run(1, 1))
@@ -277,7 +278,7 @@ def test_eval_transform_resizes_shorter_side_then_center_crops(height, width):
   ramp = np.linspace(0, 255, width).round().astype(np.uint8)
   image = np.broadcast_to(ramp[None, :, None], (height, width, 3)).copy()
   jpeg = tf.io.encode_jpeg(image, quality=100)
-  out = ip.imagenet_eval_transform(jpeg, MEAN, STD).numpy()
+  out = transforms.imagenet_eval_transform(jpeg, MEAN, STD).numpy()
   assert out.shape == (224, 224, 3) and out.dtype == np.float32
   pixels = denormalize(out)
   # The shorter side becomes 256: one output pixel spans 1 / scale input pixels of the ramp.
@@ -297,7 +298,7 @@ def seed_tensor(*words):
 
 def numpy_color_jitter(image, alphas, order):
   """fb.resnet.torch's Brightness / Contrast / Saturation blends, in the given order."""
-  grey_weights = np.asarray(ip.GREY_WEIGHTS, np.float64)
+  grey_weights = np.asarray(transforms.GREY_WEIGHTS, np.float64)
   out = image.astype(np.float64)
   for op in order:
     alpha = float(alphas[op])
@@ -311,25 +312,28 @@ def test_color_jitter_follows_torch_and_is_deterministic():
   image = np.random.default_rng(0).uniform(0, 255, (6, 5, 3)).astype(np.float32)
   outputs, orders = [], set()
   for s in range(12):
-    out = ip.torch_color_augment(tf.constant(image), 0.4, 0.0, seed_tensor(s, 7), None).numpy()
-    alphas, order = (x.numpy() for x in ip.color_jitter_params(0.4, seed_tensor(s, 7)))
+    out = transforms.torch_color_augment(tf.constant(image), 0.4, 0.0, seed_tensor(s, 7),
+                                         None).numpy()
+    alphas, order = (x.numpy() for x in transforms.color_jitter_params(0.4, seed_tensor(s, 7)))
     assert np.all((alphas >= 0.6) & (alphas <= 1.4)) and sorted(order) == [0, 1, 2]
     orders.add(tuple(order))
     np.testing.assert_allclose(out, numpy_color_jitter(image, alphas, order), rtol=1e-5,
                                atol=1e-3)
     assert np.isfinite(out).all() and not np.allclose(out, image, atol=0.5)
     np.testing.assert_array_equal(
-        out, ip.torch_color_augment(tf.constant(image), 0.4, 0.0, seed_tensor(s, 7), None).numpy())
+        out, transforms.torch_color_augment(tf.constant(image), 0.4, 0.0, seed_tensor(s, 7),
+                                            None).numpy())
     outputs.append(out.tobytes())
   assert len(set(outputs)) == 12 and len(orders) >= 3  # Random factors, random order.
   # Off: the very same pixels, whatever the seeds.
-  same = ip.torch_color_augment(tf.constant(image), 0.0, 0.0, seed_tensor(1, 1), seed_tensor(2, 2))
+  same = transforms.torch_color_augment(tf.constant(image), 0.0, 0.0, seed_tensor(1, 1),
+                                        seed_tensor(2, 2))
   np.testing.assert_array_equal(same.numpy(), image)
 
 
 def test_pca_lighting_adds_the_pca_offset_per_channel():
-  eigval = np.asarray(ip.PCA_EIGVAL)
-  eigvec = np.asarray(ip.PCA_EIGVEC)
+  eigval = np.asarray(transforms.PCA_EIGVAL)
+  eigvec = np.asarray(transforms.PCA_EIGVEC)
   np.testing.assert_allclose(eigval, [0.2175, 0.0188, 0.0045])
   image = np.random.default_rng(1).uniform(0, 255, (4, 4, 3)).astype(np.float32)
   offsets = []
@@ -337,8 +341,9 @@ def test_pca_lighting_adds_the_pca_offset_per_channel():
     seed = seed_tensor(s, 3)
     alpha = tf.random.stateless_normal((3,), seed=seed).numpy().astype(np.float64) * 0.1
     expected = eigvec @ (alpha * eigval)  # rgb[i] = sum_j eigvec[i, j] * alpha[j] * eigval[j].
-    np.testing.assert_allclose(ip.pca_lighting_offset(0.1, seed).numpy(), expected, atol=1e-6)
-    out = ip.torch_color_augment(tf.constant(image), 0.0, 0.1, None, seed).numpy()
+    np.testing.assert_allclose(transforms.pca_lighting_offset(0.1, seed).numpy(), expected,
+                               atol=1e-6)
+    out = transforms.torch_color_augment(tf.constant(image), 0.0, 0.1, None, seed).numpy()
     np.testing.assert_allclose(out - image, np.broadcast_to(255 * expected, image.shape),
                                atol=1e-3)
     offsets.append(expected)
@@ -347,22 +352,23 @@ def test_pca_lighting_adds_the_pca_offset_per_channel():
   # image moves by offset / std in each channel.
   jpeg = tf.io.encode_jpeg(image.astype(np.uint8))
   def transform(lighting):
-    return ip.imagenet_train_transform(jpeg, seed_tensor(1, 0), seed_tensor(2, 0), MEAN, STD,
-                                       size=16, pca_lighting=lighting,
-                                       lighting_seed=seed_tensor(0, 3)).numpy()
+    return transforms.imagenet_train_transform(jpeg, seed_tensor(1, 0), seed_tensor(2, 0), MEAN,
+                                               STD, size=16, pca_lighting=lighting,
+                                               lighting_seed=seed_tensor(0, 3)).numpy()
   np.testing.assert_allclose(transform(0.1) - transform(0.0),
                              np.broadcast_to(offsets[0] / STD, (16, 16, 3)), atol=1e-4)
 
 
 def test_mock_color_augmentation_and_image_size_through_the_pipeline():
   with tfds.testing.mock_data(num_examples=NUM_MOCK):
-    colour = ip.load_dataset(make_config(image_size=48, color_jitter=0.4, pca_lighting=0.1))
-    assert (colour.color_jitter, colour.pca_lighting) == (0.4, 0.1)
+    colour = data.load_dataset(make_config(image_size=48, color_jitter=0.4, pca_lighting=0.1))
+    for split in colour.splits().values():
+      assert (split.preprocessing.color_jitter, split.preprocessing.pca_lighting) == (0.4, 0.1)
     assert colour.image_shape == (48, 48, 3)
-    plain = dataclasses.replace(colour, color_jitter=0.0, pca_lighting=0.0)
-    first = lambda d: next(ip.train_batches(d, 16, seed=5, epoch=0, augment=True))
+    plain = colour.with_preprocessing(color_jitter=0.0, pca_lighting=0.0)
+    first = lambda d: next(d.train.train_batches(16, seed=5, epoch=0))
     coloured, again, grey = first(colour), first(colour), first(plain)
-    evaluated = next(ip.eval_batches(colour.test, 16, colour.mean, colour.std))
+    evaluated = next(colour.test.eval_batches(16))
   assert coloured['image'].shape == evaluated['image'].shape == (16, 48, 48, 3)
   assert_same_batches([coloured], [again])
   np.testing.assert_array_equal(grey['label'], coloured['label'])  # Same examples and crops.

@@ -1,4 +1,4 @@
-"""Tests for image-folder datasets (`--config.dataset=folder:ROOT`) in input_pipeline.
+"""Tests for image-folder datasets (`--config.dataset=folder:ROOT`, pyramidnet_jax.data.folder).
 
 The tree is generated with PIL: 3 classes, images of mixed sizes and formats (PNG, JPEG, BMP, GIF,
 greyscale and RGBA PNGs), one corrupt file in train/ (garbage bytes) and one in val/ (a truncated
@@ -6,17 +6,18 @@ PNG), a non-image file that is ignored. Image number k is a constant grey of val
 every example in a batch can be identified from its pixels (crops and resizes keep it constant).
 """
 
-import dataclasses
 import os
 import re
 import subprocess
 import sys
 import types
 
+import chex
 import numpy as np
 import pytest
 
-from pyramidnet_jax import input_pipeline as ip
+from pyramidnet_jax import data
+from pyramidnet_jax.data import transforms
 
 tf = pytest.importorskip('tensorflow')
 Image = pytest.importorskip('PIL.Image')
@@ -24,8 +25,8 @@ Image = pytest.importorskip('PIL.Image')
 CLASSES = ('ant', 'bee', 'cat')
 FORMATS = ('png', 'jpg', 'bmp', 'gif', 'grey.png', 'rgba.png')
 SIZE = 32
-MEAN = np.asarray(ip.IMAGENET_MEAN, np.float32)
-STD = np.asarray(ip.IMAGENET_STD, np.float32)
+MEAN = np.asarray(transforms.IMAGENET_MEAN, np.float32)
+STD = np.asarray(transforms.IMAGENET_STD, np.float32)
 
 
 def write_image(path, value, height, width, fmt):
@@ -101,28 +102,30 @@ def corrupt_path(root):
 
 def test_classes_listing_and_fields(tree):
   root, images = tree
-  dataset = ip.load_dataset(make_config(root))
+  dataset = data.load_dataset(make_config(root))
   assert dataset.name == f'folder:{root}'
   assert dataset.class_names == CLASSES and dataset.num_classes == 3
-  assert dataset.mean == ip.IMAGENET_MEAN and dataset.std == ip.IMAGENET_STD
-  assert dataset.augmentation == 'imagenet' and dataset.validation is None
+  assert dataset.preprocessing == data.preprocessing_of(dataset.name, SIZE)
+  assert dataset.mean == transforms.IMAGENET_MEAN and dataset.std == transforms.IMAGENET_STD
+  assert dataset.preprocessing.augmentation == 'imagenet' and dataset.validation is None
+  assert isinstance(dataset.train, data.FolderSplit) and dataset.train.bad_images == 'skip'
   assert dataset.image_shape == (SIZE, SIZE, 3) and dataset.train.resize_size == 37
   # Listed: every image file, the corrupt ones included; notes.txt is not an image.
   assert len(dataset.train) == 13 and len(dataset.test) == 7
   assert corrupt_path(root) in dataset.train.paths
   assert not any(p.endswith('.txt') for p in dataset.train.paths)
   np.testing.assert_array_equal(dataset.train.labels, [0] * 4 + [1] * 5 + [2] * 4)
-  assert ip.steps_per_epoch(dataset, 4) == 3
-  with pytest.raises(TypeError, match='train_batches'):
-    ip.train_batch(dataset, 4, seed=0, epoch=0, index=0, augment=True)
+  assert dataset.train.steps_per_epoch(4) == 3
+  # Streamed batches come in order from tf.data; there is no building one by its index.
+  assert not hasattr(dataset.train, 'train_batch')
 
 
 def test_skip_replaces_the_corrupt_file_deterministically_and_logs_it(tree, caplog):
   root, images = tree
-  dataset = ip.load_dataset(make_config(root))
+  dataset = data.load_dataset(make_config(root))
   caplog.set_level('WARNING')
   # One batch of 13: the whole epoch, so the corrupt file is in it.
-  (batch,) = list(ip.train_batches(dataset, 13, seed=0, epoch=0, augment=True))
+  (batch,) = list(dataset.train.train_batches(13, seed=0, epoch=0))
   assert batch['image'].shape == (13, SIZE, SIZE, 3) and batch['image'].dtype == np.float32
   assert batch['label'].dtype == np.int32
   ids, labels = image_ids([batch])
@@ -137,35 +140,32 @@ def test_skip_replaces_the_corrupt_file_deterministically_and_logs_it(tree, capl
   assert 'Training epoch 0' in summary[0]
 
   # Deterministic: the same epoch again, and a resumed epoch is the tail of the full one.
-  full = list(ip.train_batches(dataset, 4, seed=1, epoch=2, augment=True))
+  full = list(dataset.train.train_batches(4, seed=1, epoch=2))
   assert len(full) == 3
-  again = list(ip.train_batches(dataset, 4, seed=1, epoch=2, augment=True))
-  resumed = list(ip.train_batches(dataset, 4, seed=1, epoch=2, augment=True, start_index=1))
-  for expected, actual in ((full, again), (full[1:], resumed)):
-    assert len(expected) == len(actual)
-    for a, b in zip(expected, actual):
-      np.testing.assert_array_equal(a['image'], b['image'])
-      np.testing.assert_array_equal(a['label'], b['label'])
-  other = list(ip.train_batches(dataset, 4, seed=1, epoch=3, augment=True))
+  again = list(dataset.train.train_batches(4, seed=1, epoch=2))
+  resumed = list(dataset.train.train_batches(4, seed=1, epoch=2, start_index=1))
+  chex.assert_trees_all_equal(full, again)
+  chex.assert_trees_all_equal(full[1:], resumed)
+  other = list(dataset.train.train_batches(4, seed=1, epoch=3))
   assert not np.array_equal(image_ids(full)[0], image_ids(other)[0])
 
 
 def test_error_names_the_corrupt_file(tree):
   root, _ = tree
-  dataset = ip.load_dataset(make_config(root, bad_images='error'))
+  dataset = data.load_dataset(make_config(root, bad_images='error'))
   with pytest.raises(ValueError) as error:
-    list(ip.train_batches(dataset, 13, seed=0, epoch=0, augment=True))
+    list(dataset.train.train_batches(13, seed=0, epoch=0))
   message = str(error.value)
   assert corrupt_path(root) in message and 'bad_images=skip' in message
   with pytest.raises(ValueError, match='truncated.png'):
-    list(ip.eval_batches(dataset.test, 4, dataset.mean, dataset.std))
+    list(dataset.test.eval_batches(4))
 
 
 def test_eval_batches_mask_out_the_unreadable_file(tree, caplog):
   root, images = tree
-  dataset = ip.load_dataset(make_config(root))
+  dataset = data.load_dataset(make_config(root))
   caplog.set_level('WARNING')
-  batches = list(ip.eval_batches(dataset.test, 4, dataset.mean, dataset.std))
+  batches = list(dataset.test.eval_batches(4))
   assert len(batches) == 2
   for batch in batches:
     assert batch['image'].shape == (4, SIZE, SIZE, 3) and batch['image'].dtype == np.float32
@@ -180,29 +180,29 @@ def test_eval_batches_mask_out_the_unreadable_file(tree, caplog):
   assert any('skipped 1 unreadable' in r.getMessage() and 'truncated.png' in r.getMessage()
              for r in caplog.records)
   # Without augmentation, training batches use the same resize and centre crop.
-  plain = ip.load_dataset(make_config(root, augment=False))
-  assert plain.augmentation == 'none'
-  trained = list(ip.train_batches(plain, 4, seed=0, epoch=0, augment=True))
+  plain = data.load_dataset(make_config(root, augment=False))
+  assert plain.preprocessing.augmentation == plain.train.preprocessing.augmentation == 'none'
+  trained = list(plain.train.train_batches(4, seed=0, epoch=0))
   assert set(image_ids(trained)[0]) <= {i for _, _, i in images['train']}
 
 
 def test_process_shards_are_disjoint_and_cover_the_split(tree):
   root, images = tree
-  shards = [ip.load_dataset(make_config(root), process_index=i, process_count=3)
+  shards = [data.load_dataset(make_config(root), process_index=i, process_count=3)
             for i in range(3)]
   indices = [d.train.shard_indices() for d in shards]
   np.testing.assert_array_equal(np.sort(np.concatenate(indices)), np.arange(13))
   assert [len(i) for i in indices] == [5, 4, 4]
   # Global batch 6 = 2 per process; every process takes 4 // 2 steps.
-  assert {ip.steps_per_epoch(d, 6) for d in shards} == {2}
+  assert {d.train.steps_per_epoch(6) for d in shards} == {2}
   with pytest.raises(ValueError, match='divisible'):
-    ip.steps_per_epoch(shards[0], 4)
-  evaluated = [image_ids(ip.eval_batches(d.test, 3, d.mean, d.std))[0] for d in shards]
+    shards[0].train.steps_per_epoch(4)
+  evaluated = [image_ids(d.test.eval_batches(3))[0] for d in shards]
   np.testing.assert_array_equal(np.sort(np.concatenate(evaluated)),
                                 [i for _, _, i in images['val']])
   id_of_path = {path: i for path, _, i in images['train']}
   for dataset, shard in zip(shards, indices):
-    ids, _ = image_ids(ip.train_batches(dataset, 6, seed=0, epoch=0, augment=True))
+    ids, _ = image_ids(dataset.train.train_batches(6, seed=0, epoch=0))
     readable = {id_of_path[dataset.train.paths[i]] for i in shard if dataset.train.paths[i]
                 in id_of_path}
     assert len(ids) == 4 and set(ids) <= readable
@@ -210,18 +210,19 @@ def test_process_shards_are_disjoint_and_cover_the_split(tree):
 
 def test_validation_hold_out_and_colour_augmentation(tree):
   root, _ = tree
-  dataset = ip.load_dataset(make_config(root, validation_fraction=0.5, color_jitter=0.4,
+  dataset = data.load_dataset(make_config(root, validation_fraction=0.5, color_jitter=0.4,
                                         pca_lighting=0.1))
   assert np.bincount(dataset.validation.labels).tolist() == [2, 3, 2]  # round(n_c / 2).
   assert len(dataset.train) + len(dataset.validation) == 13
   assert not set(dataset.train.paths) & set(dataset.validation.paths)
-  assert (dataset.color_jitter, dataset.pca_lighting) == (0.4, 0.1)
-  first = next(ip.train_batches(dataset, 3, seed=0, epoch=0, augment=True))
-  again = next(ip.train_batches(dataset, 3, seed=0, epoch=0, augment=True))
+  for split in dataset.splits().values():
+    assert (split.preprocessing.color_jitter, split.preprocessing.pca_lighting) == (0.4, 0.1)
+  first = next(dataset.train.train_batches(3, seed=0, epoch=0))
+  again = next(dataset.train.train_batches(3, seed=0, epoch=0))
   np.testing.assert_array_equal(first['image'], again['image'])
   assert np.isfinite(first['image']).all()
-  plain = dataclasses.replace(dataset, color_jitter=0.0, pca_lighting=0.0)
-  grey = next(ip.train_batches(plain, 3, seed=0, epoch=0, augment=True))
+  plain = dataset.with_preprocessing(color_jitter=0.0, pca_lighting=0.0)
+  grey = next(plain.train.train_batches(3, seed=0, epoch=0))
   np.testing.assert_array_equal(first['label'], grey['label'])
   assert np.abs(first['image'] - grey['image']).mean(axis=(1, 2, 3)).min() > 1e-3
   # The grey images got colour: lighting adds a different offset to each channel.
@@ -231,28 +232,28 @@ def test_validation_hold_out_and_colour_augmentation(tree):
 
 def test_missing_or_malformed_folders_say_the_layout(tmp_path):
   with pytest.raises(FileNotFoundError, match='ROOT/train/<class>') as error:
-    ip.load_dataset(make_config(str(tmp_path / 'nowhere')))
+    data.load_dataset(make_config(str(tmp_path / 'nowhere')))
   assert str(tmp_path / 'nowhere') in str(error.value)
   root = tmp_path / 'root'
   (root / 'train' / 'a').mkdir(parents=True)
   with pytest.raises(FileNotFoundError, match='val'):
-    ip.load_dataset(make_config(str(root)))
+    data.load_dataset(make_config(str(root)))
   (root / 'val' / 'b').mkdir(parents=True)
   with pytest.raises(ValueError, match=r"only in train/: \['a'\]; only in val/: \['b'\]"):
-    ip.load_dataset(make_config(str(root)))
+    data.load_dataset(make_config(str(root)))
   (root / 'val' / 'b').rmdir()
   (root / 'val' / 'a').mkdir()
   with pytest.raises(ValueError, match=r"hold no image files.*\['a'\]"):
-    ip.load_dataset(make_config(str(root)))
+    data.load_dataset(make_config(str(root)))
   with pytest.raises(ValueError, match='bad_images'):
-    ip.load_dataset(make_config(str(root), bad_images='ignore'))
+    data.load_dataset(make_config(str(root), bad_images='ignore'))
   with pytest.raises(ValueError, match='needs a directory'):
-    ip.load_dataset(make_config(''))
+    data.load_dataset(make_config(''))
 
 
 def test_pipeline_benchmark_command_on_the_tree(tree):
   root, _ = tree
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   result = subprocess.run(
       [sys.executable, '-m', 'pyramidnet_jax.pipeline_benchmark',
        '--config=configs/fashion_mnist_demo.py', f'--config.dataset=folder:{root}',
