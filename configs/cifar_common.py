@@ -1,11 +1,11 @@
 """Shared body of the 24 CIFAR configs (configs/cifar10_*.py, configs/cifar100_*.py).
 
 Each of those files is one network of the paper's CIFAR tables with the paper's recipe
-(SPEC section 2, = configs/default.py): SGD, Nesterov momentum 0.9, batch 128, 300 epochs, LR x0.1
+(docs/architecture.md, = configs/default.py): SGD, Nesterov momentum 0.9, batch 128, 300 epochs, LR x0.1
 at epochs 150 and 225, coupled L2 weight decay 1e-4, pad-4 crop + flip. Only the LR differs:
 0.1 on CIFAR-10 (the paper: one GPU) and 0.5 on CIFAR-100 (the paper: 4 GPUs with batch 128,
 jhkim89/PyramidNet README). Unlike the authors' DataParallel runs, our BatchNorm statistics are
-over the whole global batch (see pyramidnet_jax/train.py), not per GPU.
+over the whole global batch (pyramidnet_jax/training/runtime.py), not per GPU.
 
 Wall-time estimates in the configs are rough, not measured: training FLOPs = 6 x forward MACs x
 50,000 images x 300 epochs, at an assumed sustained 40 TFLOP/s on one H100 in float32 (TF32

@@ -1,4 +1,4 @@
-"""Defaults shared by every experiment config: the paper's CIFAR-10 recipe (SPEC section 2).
+"""Defaults shared by every experiment config: the paper's CIFAR-10 recipe (docs/architecture.md).
 
 Experiment configs import this and change only what differs. Every field here is read by the
 training code; `--config.<field>=value` overrides any of them and an unknown field is an error.
@@ -23,8 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.remat = False
   # PyramidNet computes each block at its widths rounded up to this multiple (1: exact widths).
   # Parameters keep their exact shapes and results change only at float rounding level
-  # (pyramidnet_jax/blocks.py). 16 compiles deep nets faster but trained the small demo net 1.5x
-  # slower on CPU (docs/benchmarks.md, "Levers tried"), so it is opt-in.
+  # (pyramidnet_jax/models/pyramidnet_blocks.py). 16 compiles deep nets faster but trained the
+  # small demo net slower on CPU (docs/benchmarks.md#levers), so it is opt-in.
   config.model.channel_multiple = 1
   config.model.dtype = 'float32'  # 'float32' | 'bfloat16' (computation; params stay float32)
 
@@ -78,18 +78,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.progress_bar = True
   config.write_report = True  # At the end: WORKDIR/report/ (pyramidnet_jax.evaluate's report).
   config.compilation_cache_dir = '~/.cache/pyramidnet_jax/xla'  # '' turns the cache off.
+  # The XLA:CPU kit (pyramidnet_jax/xla_cpu), on where the CPU is JAX's only platform.
   # Convolutions on CPU: 'auto' (oneDNN's, built on first use, where a C++ compiler and oneDNN
   # are at hand; else XLA's, several times slower), 'onednn' (or an error saying what is
-  # missing), 'xla'. Same results to float rounding; pyramidnet_jax/conv.py.
+  # missing), 'xla'. Same results to float rounding; pyramidnet_jax/xla_cpu/convolution.py.
   config.cpu_conv = 'auto'
   # XLA:CPU's concurrency-optimised scheduler (its default) keeps more buffers alive to run
   # independent ops side by side; off, the train step needs several times less memory and runs
-  # as fast or faster on CPU (docs/benchmarks.md). Other platforms ignore it.
+  # as fast or faster on CPU (docs/benchmarks.md#levers). Other platforms ignore it.
   config.xla_cpu_concurrency_scheduler = False
   # On a CPU-only JAX: glibc's malloc keeps freed memory (no mmap, no trim) and steps dispatch
   # synchronously, so XLA's per-step temporary buffer is reused instead of page-faulted in afresh
-  # every step: about 20% faster training on 2 cores; the process keeps its peak memory
-  # (train.keep_freed_host_memory).
+  # every step (docs/benchmarks.md#levers); the process keeps its peak memory
+  # (pyramidnet_jax/xla_cpu/process.py). Other platforms ignore it.
   config.cpu_keep_freed_memory = True
 
   return config

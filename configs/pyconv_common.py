@@ -1,4 +1,4 @@
-"""The authors' PyConv ImageNet recipe, shared by configs/imagenet_pyconv*.py (SPEC section 5).
+"""The authors' PyConv ImageNet recipe, shared by configs/imagenet_pyconv*.py.
 
 Recipe: the authors' training code, read in iduta/pyconv (commit d8b39cf): args_file.py defaults
 90 epochs, batch 256 (the total over the GPUs of one node: DataParallel splits it), LR 0.1, SGD
@@ -9,7 +9,7 @@ command does not set it; so nesterov=False here, unlike our PyramidNet configs. 
 repository's first commit defaulted to no scheduler, i.e. its adjust_learning_rate (x0.1 every
 30 epochs, so at 30 and 60 only); the MultiStepLR default came later (commit d8b39cf, "set
 MultiStepLR as default"), and the repo does not say which of the two trained the released
-models; we follow the current default, as SPEC section 5 does. Augmentation is exactly theirs:
+models; we follow the current default (docs/architecture.md). Augmentation is exactly theirs:
 RandomResizedCrop 224 + flip for training, resize 256 + centre crop 224 for evaluation,
 torchvision's mean/std; no dropout, no zero-init of the last BN, no label smoothing.
 """

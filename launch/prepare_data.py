@@ -25,7 +25,7 @@ if ROOT not in sys.path:
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # pyramidnet_jax.input_pipeline's default.
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'  # pyramidnet_jax.data.fashion_mnist's default.
 FASHION_MNIST_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
                        't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
 

@@ -1,13 +1,13 @@
 """PyramidNet, PyConvResNet and PyConvHGResNet in JAX/Flax. Importing this loads jax, flax only."""
 
 from pyramidnet_jax.models import PRESETS
+from pyramidnet_jax.models import PyConv
+from pyramidnet_jax.models import PyConvHGResNet
+from pyramidnet_jax.models import PyConvResNet
 from pyramidnet_jax.models import PyramidNet
 from pyramidnet_jax.models import block_widths
 from pyramidnet_jax.models import blocks_per_stage
 from pyramidnet_jax.models import create_model
-from pyramidnet_jax.pyconv import PyConv
-from pyramidnet_jax.pyconv import PyConvHGResNet
-from pyramidnet_jax.pyconv import PyConvResNet
 
 
 def load(path: str, which: str = 'best'):
@@ -17,7 +17,7 @@ def load(path: str, which: str = 'best'):
   A workdir gives its best-on-validation state (`which='best'`, the latest when there is none)
   or its latest (`which='latest'`). Imported lazily: orbax loads only when this is called.
   """
-  from pyramidnet_jax import loading  # pylint: disable=g-import-not-at-top
+  from pyramidnet_jax.interop import loading  # pylint: disable=g-import-not-at-top
   return loading.load(path, which)
 
 

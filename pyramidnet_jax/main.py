@@ -1,4 +1,4 @@
-"""Train and evaluate a PyramidNet.
+"""Train and evaluate a network.
 
   python -m pyramidnet_jax.main --config=configs/fashion_mnist_demo.py --workdir=runs/demo
 
@@ -16,9 +16,7 @@ import jax
 from ml_collections import config_flags
 
 from pyramidnet_jax import cli
-from pyramidnet_jax import compile_cache
-from pyramidnet_jax import evaluate
-from pyramidnet_jax import train
+from pyramidnet_jax.training import loop
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and results.')
@@ -59,18 +57,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   logging.set_verbosity(logging.WARNING)
-  train.configure_xla_cpu(FLAGS.config)
+  config = FLAGS.config
   try:
+    cli.set_up_platform(config)
     initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  except ValueError as e:
-    sys.exit(f'error: {e}')
-  compile_cache.enable(FLAGS.config.compilation_cache_dir)
-  try:
-    results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    report = None
-    if FLAGS.config.write_report:
-      # Every process restores and evaluates (Orbax reads collectively); process 0 writes.
-      report = evaluate.evaluate_workdir(FLAGS.workdir, write=jax.process_index() == 0)
+    cli.enable_compilation_cache(config.compilation_cache_dir)
+    results = loop.train_and_evaluate(config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     sys.exit(f'error: {e}')
   if jax.process_index() != 0:
@@ -78,9 +70,9 @@ def main(argv):
   print(f'test accuracy {results["test_accuracy"]:.4f}  top-5 {results["test_top5_accuracy"]:.4f}  '
         f'loss {results["test_loss"]:.4f}  ({results["steps"]} steps, '
         f'{results["wall_time_s"]:.0f}s); results in {FLAGS.workdir}/results.json')
-  if report is not None:
-    print(f'report (per-class metrics, confusion matrix, training curves): '
-          f'{report["files"]["markdown"]}')
+  if config.write_report:
+    print('report (per-class metrics, confusion matrix, training curves): '
+          f'{loop.report_path(FLAGS.workdir)}')
 
 
 if __name__ == '__main__':

@@ -3,10 +3,9 @@
 Every PyramidNet block has its own width, so a plain Flax network is a hundred blocks of different
 shapes for XLA to compile. Here the parameters keep their exact shapes and names
 (`layer1_0/bn1/scale`, ...), but a block may compute at its widths rounded up to
-`channel_multiple`, so that runs of blocks share their shapes (the measured effect is in
-docs/benchmarks.md, "Levers tried"). A lax.scan over such runs compiles faster still, but XLA's
-CPU backend runs convolutions inside a loop far slower (a 9-layer scan's gradient: 60 s against
-0.7 s unrolled), so blocks stay unrolled.
+`channel_multiple`, so that runs of blocks share their shapes (docs/benchmarks.md#levers). A
+lax.scan over such runs would compile faster still, but XLA's CPU backend runs convolutions inside
+a loop far slower, so blocks stay unrolled.
 
 The padding is inert. Padded kernel rows and columns and padded BatchNorm scales and biases are
 zero, so padded channels hold exact zeros forward (BN of an all-zero channel is 0 * scale 0 + bias
@@ -25,10 +24,10 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from pyramidnet_jax import conv
-from pyramidnet_jax.remat import rematerialised
+from pyramidnet_jax import levers
+from pyramidnet_jax.models import batch_norm as bn
+from pyramidnet_jax.models import layers
 
 BOTTLENECK_EXPANSION = 4
 
@@ -109,36 +108,16 @@ def block_specs(widths: tuple[tuple[int, ...], ...], stem_width: int, bottleneck
 # `__call__` outputs) does not try to record flax Variables.
 
 
-def _declare_batch_norm_variables(module: nn.Module, features: int, param_dtype) -> tuple:
-  """nn.BatchNorm's variables in module's scope: ({'scale', 'bias'}, {'mean', 'var': Variable})."""
-  shape = (features,)
-  scale = conv.declare_param(module, 'scale', nn.initializers.ones, shape, param_dtype)
-  bias = conv.declare_param(module, 'bias', nn.initializers.zeros, shape, param_dtype)
-  mean = module.variable('batch_stats', 'mean', lambda: jnp.zeros(shape, jnp.float32))
-  var = module.variable('batch_stats', 'var', lambda: jnp.ones(shape, jnp.float32))
-  return {'scale': scale, 'bias': bias}, {'mean': mean, 'var': var}
-
-
-class BatchNormVariables(nn.Module):
-  """nn.BatchNorm's variables (params scale/bias, batch_stats mean/var), without its compute."""
-  features: int
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def create(self):
-    return _declare_batch_norm_variables(self, self.features, self.param_dtype)
-
-
 class ConvVariables(nn.Module):
-  """A bias-free conv's HWIO kernel, as nn.Conv and conv.Conv name it."""
+  """A bias-free conv's HWIO kernel, as nn.Conv and layers.Conv name it."""
   shape: tuple[int, ...]
   kernel_init: Callable[..., Any]
   param_dtype: Any = jnp.float32
 
   @nn.compact
   def create(self):
-    return {'kernel': conv.declare_param(self, 'kernel', self.kernel_init, self.shape,
-                                         self.param_dtype)}
+    return {'kernel': layers.declare_param(self, 'kernel', self.kernel_init, self.shape,
+                                           self.param_dtype)}
 
 
 class BlockVariables(nn.Module):
@@ -152,8 +131,8 @@ class BlockVariables(nn.Module):
     params, stats = {}, {}
     for layer, shape in self.spec.variable_shapes(padded=False).items():
       if layer.startswith('bn'):
-        params[layer], stats[layer] = BatchNormVariables(shape[0], self.param_dtype,
-                                                         name=layer).create()
+        params[layer], stats[layer] = bn.BatchNormVariables(shape[0], self.param_dtype,
+                                                            name=layer).create()
       else:
         params[layer] = ConvVariables(shape, self.kernel_init, self.param_dtype,
                                        name=layer).create()
@@ -204,122 +183,18 @@ def padded_block_variables(spec: BlockSpec, params, stats) -> tuple[dict, dict]:
   return padded_params, padded_stats
 
 
-# BatchNorm's arithmetic is written in lax, not jnp: each jnp operator is a nested jit whose
-# trace is cached per shape, and every PyramidNet block has new shapes, so jnp traced the same
-# equations with a cache miss each (272 a200: a third of the training step's trace). The jaxprs are
-# those jnp produced, equation for equation (the tests compare them).
-
-
-def _scalar(value, like: jax.Array):
-  """A Python number as a scalar of like's dtype, as jnp's weak typing converts it."""
-  return like.dtype.type(value)
-
-
-def _per_channel(v: jax.Array, like: jax.Array) -> jax.Array:
-  """A (C,) vector broadcast against an NHWC array, as jnp's broadcasting does."""
-  return lax.broadcast_in_dim(v, (1,) * (like.ndim - 1) + v.shape, (like.ndim - 1,))
-
-
-def _normalise(x, mean, var, scale, bias, epsilon):
-  # (x - mean) * (rsqrt(var + epsilon) * scale) + bias, promoted as jnp would (eval: bf16 x).
-  dtype = jnp.result_type(x, mean, var, scale, bias)
-  x, mean, var, scale, bias = (lax.convert_element_type(a, dtype) if a.dtype != dtype else a
-                               for a in (x, mean, var, scale, bias))
-  centred = lax.sub(x, _per_channel(mean, x))
-  factor = lax.mul(lax.rsqrt(lax.add(var, _scalar(epsilon, var))), scale)
-  return lax.add(lax.mul(centred, _per_channel(factor, x)), _per_channel(bias, x))
-
-
-def _mean_over_nhw(x):
-  return lax.div(lax.reduce_sum(x, (0, 1, 2)), _scalar(x.shape[0] * x.shape[1] * x.shape[2], x))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _train_norm(x32, scale, bias, epsilon):
-  mean = _mean_over_nhw(x32)
-  var = lax.max(_scalar(0.0, x32),
-                lax.sub(_mean_over_nhw(lax.square(x32)), lax.square(mean)))
-  return _normalise(x32, mean, var, scale, bias, epsilon), mean, var
-
-
-def _train_norm_fwd(x32, scale, bias, epsilon):
-  y, mean, var = _train_norm(x32.value, scale.value, bias.value, epsilon)
-  return (y, mean, var), (x32.value, scale.value, mean, var)
-
-
-def _train_norm_bwd(epsilon, residuals, cotangents):
-  # The textbook gradient: one reduction pass and one elementwise pass over x, where autodiff of
-  # the forward formula makes XLA:CPU run more. The batch statistics are outputs only for the
-  # running averages, so their cotangents are normally symbolic zeros. In jnp terms:
-  # dx = (scale * rstd / n) * (n * dy - sum(dy) - x_hat * sum(dy * x_hat)).
-  x32, scale, mean, var = residuals
-  dy, dmean, dvar = cotangents
-  n = x32.shape[0] * x32.shape[1] * x32.shape[2]
-  rstd = lax.rsqrt(lax.add(var, _scalar(epsilon, var)))
-  x_hat = lax.mul(lax.sub(x32, _per_channel(mean, x32)), _per_channel(rstd, x32))
-  dbias = lax.reduce_sum(dy, (0, 1, 2))
-  dscale = lax.reduce_sum(lax.mul(dy, x_hat), (0, 1, 2))
-  factor = lax.div(lax.mul(scale, rstd), _scalar(n, scale))
-  inner = lax.sub(lax.sub(lax.mul(_scalar(n, dy), dy), _per_channel(dbias, dy)),
-                  lax.mul(x_hat, _per_channel(dscale, x_hat)))
-  dx = lax.mul(_per_channel(factor, inner), inner)
-  if not isinstance(dmean, jax.custom_derivatives.SymbolicZero):
-    dx = lax.add(dx, _per_channel(lax.div(dmean, _scalar(n, dmean)), dx))
-  if not isinstance(dvar, jax.custom_derivatives.SymbolicZero):
-    scaled = lax.mul(dvar, _scalar(2.0 / n, dvar))
-    centred = lax.sub(x32, _per_channel(mean, x32))
-    dx = lax.add(dx, lax.mul(_per_channel(scaled, centred), centred))
-  return dx, dscale, dbias
-
-
-_train_norm.defvjp(_train_norm_fwd, _train_norm_bwd, symbolic_zeros=True)
-
-
-def batch_norm(x: jax.Array, params, stats, train: bool, epsilon: float, dtype):
-  """nn.BatchNorm's arithmetic, operation for operation: (output, (batch mean, batch var)).
-
-  In training the gradient is the textbook one (_train_norm_bwd), equal to autodiff's to float
-  rounding (tests/models_test.py) and a third faster per training step on CPU (110 a48).
-  """
-  if train:
-    x32 = x.astype(jnp.promote_types(dtype, jnp.float32))
-    y, mean, var = _train_norm(x32, params['scale'], params['bias'], epsilon)
-    return jnp.asarray(y, dtype), (mean, var)
-  y = _normalise(x, stats['mean'], stats['var'], params['scale'], params['bias'], epsilon)
-  return jnp.asarray(y, dtype), None
-
-
-class BatchNorm(nn.Module):
-  """nn.BatchNorm's fields, variables, initial values and arithmetic, trained with batch_norm's
-  textbook gradient (the PyConv networks' BatchNorm; PyramidNet's blocks call batch_norm)."""
-  use_running_average: bool
-  momentum: float = 0.99
-  epsilon: float = 1e-5
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    params, stats = _declare_batch_norm_variables(self, x.shape[-1], self.param_dtype)
-    train = not self.use_running_average
-    y, batch = batch_norm(x, params, {k: v.value for k, v in stats.items()}, train, self.epsilon,
-                          self.dtype)
-    if train and not self.is_initializing():  # As nn.BatchNorm: init leaves the averages be.
-      update_running_stats({'bn': stats}, {'bn': batch}, self.momentum)
-    return y
-
-
 def block(params, stats, x, *, spec: BlockSpec, train: bool, epsilon: float, dtype):
   """One block on padded arrays: (output, {bn layer: (batch mean, batch var)} or None)."""
   batch = {}
 
   def norm(y, layer):
-    y, batch[layer] = batch_norm(y, params[layer], stats[layer], train, epsilon, dtype)
+    y, batch[layer] = bn.batch_norm(y, params[layer], stats[layer], train, epsilon, dtype)
     return y
 
   def convolve(y, layer, stride=1):
     kernel = params[layer]['kernel']
-    return conv.conv2d(y.astype(dtype), kernel.astype(dtype), stride, conv.symmetric_padding(kernel.shape[0]))
+    return layers.conv2d(y.astype(dtype), kernel.astype(dtype), stride,
+                         layers.symmetric_padding(kernel.shape[0]))
 
   y = norm(x, 'bn1')
   if spec.bottleneck:
@@ -338,19 +213,6 @@ def run_block(spec: BlockSpec, variables: tuple[dict, dict], x: jax.Array, *, tr
   """A block on its exact variables and a padded input: (padded output, batch stats or None)."""
   body = functools.partial(block, spec=spec, train=train, epsilon=epsilon, dtype=dtype)
   if remat:
-    body = rematerialised(body)
+    body = levers.current().remat(body)
   params, stats = padded_block_variables(spec, *variables)
   return body(params, stats, _pad_to(x, (*x.shape[:-1], spec.padded_in)))
-
-
-def update_running_stats(stats, batch, momentum: float) -> None:
-  """nn.BatchNorm's update, on the exact channels: ra = momentum * ra + (1 - momentum) * batch."""
-  for layer, variables in stats.items():
-    mean, var = batch[layer]
-    for name, batch_value in (('mean', mean), ('var', var)):
-      running = variables[name].value
-      n = running.shape[0]
-      kept = lax.mul(_scalar(momentum, running), running)
-      if batch_value.shape[0] != n:
-        batch_value = lax.slice(batch_value, (0,), (n,))
-      variables[name].value = lax.add(kept, lax.mul(_scalar(1 - momentum, running), batch_value))

@@ -72,7 +72,7 @@ def load_info(path: str, which: str = 'best') -> Loaded:
 
 def _load_workdir(workdir: str, which: str) -> Loaded:
   import ml_collections  # pylint: disable=g-import-not-at-top
-  from pyramidnet_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from pyramidnet_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
   chosen = None
@@ -89,7 +89,7 @@ def _load_workdir(workdir: str, which: str) -> Loaded:
   variables = restore_variables(chosen)
   model_config = {**MODEL_DEFAULTS, **config.model.to_dict()}
   num_classes = int(variables['params']['fc']['bias'].shape[0])
-  names_file = os.path.join(workdir, 'class_names.json')  # train.CLASS_NAMES_FILE
+  names_file = os.path.join(workdir, 'class_names.json')  # training.loop.CLASS_NAMES_FILE
   if os.path.isfile(names_file):
     with open(names_file) as f:
       class_names = tuple(json.load(f))
@@ -144,17 +144,16 @@ def restore_variables(directory: str) -> dict[str, Any]:
 
 
 def build_model(model_config: dict[str, Any], num_classes: int) -> Any:
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from pyramidnet_jax import train  # pylint: disable=g-import-not-at-top
-  return train.create_model(ml_collections.ConfigDict(model_config), num_classes)
+  from pyramidnet_jax import models  # pylint: disable=g-import-not-at-top
+  return models.from_config(model_config, num_classes)
 
 
 def class_names_of(dataset: str | None, num_classes: int,
                    data_dir: str | None = None) -> tuple[str, ...] | None:
   """Class names of a known dataset, read without its data; None when unknown."""
-  from pyramidnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from pyramidnet_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
   if dataset == 'fashion_mnist':
-    names = input_pipeline.FASHION_MNIST_CLASS_NAMES
+    names = fashion_mnist.CLASS_NAMES
   elif dataset in ('cifar10', 'cifar100', 'imagenet2012'):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     # Prepared data records the names in its dataset_info; ImageNet's synsets ship with TFDS.

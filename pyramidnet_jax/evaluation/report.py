@@ -20,11 +20,8 @@ _ANNOTATE_MAX_CLASSES = 20
 _TICK_LABELS_MAX_CLASSES = 50
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray,
-                           class_names: Sequence[str]) -> dict[str, Any]:
-  """Top-1, top-k (k = min(5, C)), mean cross-entropy, per-class figures and confusion matrix."""
-  from sklearn import metrics as skm
-
+def summary_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+  """Top-1, top-k (k = min(5, C)) and mean cross-entropy of logits (N, C) against labels (N,)."""
   logits = np.asarray(logits, dtype=np.float64)
   labels = np.asarray(labels)
   if logits.ndim != 2 or labels.ndim != 1 or logits.shape[0] != labels.shape[0]:
@@ -33,8 +30,6 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
   count, num_classes = logits.shape
   if count == 0:
     raise ValueError('There are no predictions to report on.')
-  if len(class_names) != num_classes:
-    raise ValueError(f'{len(class_names)} class names for {num_classes} logits per example.')
   if not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f'Labels must be integers, got dtype {labels.dtype}.')
   if labels.min() < 0 or labels.max() >= num_classes:
@@ -43,14 +38,30 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
   shifted = logits - logits.max(axis=1, keepdims=True)
   log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
   loss = -log_probs[np.arange(count), labels].mean()
-
-  predictions = logits.argmax(axis=1)
   k = min(5, num_classes)
   # A stable sort breaks ties towards the lower class index, as argmax does, so top-1 is the
   # first column of top-k.
   top_k = np.argsort(-logits, axis=1, kind='stable')[:, :k]
-  in_top_k = (top_k == labels[:, None]).any(axis=1)
+  return {
+      'top1': float((top_k[:, 0] == labels).mean()),
+      'top5': float((top_k == labels[:, None]).any(axis=1).mean()),
+      'top_k': k,
+      'loss': float(loss),
+      'count': int(count),
+  }
 
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray,
+                           class_names: Sequence[str]) -> dict[str, Any]:
+  """summary_metrics, per-class precision / recall / F1 and their averages, the confusion matrix."""
+  from sklearn import metrics as skm  # pylint: disable=g-import-not-at-top
+
+  summary = summary_metrics(logits, labels)
+  num_classes = np.shape(logits)[1]
+  if len(class_names) != num_classes:
+    raise ValueError(f'{len(class_names)} class names for {num_classes} logits per example.')
+  labels = np.asarray(labels)
+  predictions = np.asarray(logits).argmax(axis=1)
   class_ids = list(range(num_classes))
   precision, recall, f1, support = skm.precision_recall_fscore_support(
       labels, predictions, labels=class_ids, zero_division=0)
@@ -62,11 +73,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray,
   matrix = skm.confusion_matrix(labels, predictions, labels=class_ids)
 
   return {
-      'top1': float((predictions == labels).mean()),
-      'top5': float(in_top_k.mean()),
-      'top_k': k,
-      'loss': float(loss),
-      'count': int(count),
+      **summary,
       'per_class': [{'name': str(name), 'precision': float(precision[i]),
                      'recall': float(recall[i]), 'f1': float(f1[i]), 'support': int(support[i])}
                     for i, name in enumerate(class_names)],

@@ -3,7 +3,7 @@
 jax.checkpoint (nn.remat) keeps the recomputation apart from the forward pass with optimization
 barriers, but XLA:CPU removes barriers before fusion and scheduling; common-subexpression
 elimination then merges the recomputation back into the forward pass, and the forward
-activations stay alive (measured in docs/benchmarks.md, "Memory"). Data dependencies survive
+activations stay alive (docs/benchmarks.md#levers). Data dependencies survive
 every pass: the recomputation reads its input as x + 0 * (an element of the block's output
 cotangent), so it can neither merge with the forward pass nor run before the backward pass
 reaches the block; and the input gradient carries + 0 * (the weight gradients' first elements),

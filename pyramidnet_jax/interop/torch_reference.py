@@ -1,6 +1,6 @@
 """The networks in PyTorch, for the benchmark (same network, both frameworks) and parity tests.
 
-Written from the project's SPEC (sections 1 and 5), independently of models.py and pyconv.py,
+Written from the paper's facts (docs/architecture.md#fidelity), independently of models/,
 with the authors' state_dict key layouts, so their checkpoints load into these modules:
 * PyramidNet: dyhan0920/PyramidNet-PyTorch (PyramidNet.py), NCHW, pre-activation blocks.
 * PyConvResNet / PyConvHGResNet: iduta/pyconv (models/pyconvresnet.py, pyconvhgresnet.py),

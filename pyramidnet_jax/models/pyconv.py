@@ -5,7 +5,7 @@ models/pyconvhgresnet.py) layer for layer; submodule names mirror its state_dict
 turned into '/' and '_' (`layer1.0.conv2.conv2_1.weight` -> `layer1_0/conv2/conv2_1/kernel`;
 the shortcut's conv and BN, `downsample.1` and `.2` after its max-pool or `.0` and `.1` without
 one, -> `downsample_conv` and `downsample_bn`), so a converter maps their weights one to one.
-Architecture facts: ../shared/SPEC.md section 5.
+Fidelity notes: docs/architecture.md.
 
 A PyConv is a set of parallel grouped convolutions of growing kernel size over the same input,
 each padded by k // 2 on both sides, whose outputs are concatenated in kernel order. Blocks are
@@ -20,17 +20,13 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from pyramidnet_jax import conv
-from pyramidnet_jax import remat
-from pyramidnet_jax.blocks import BatchNorm
-from pyramidnet_jax.models import _check_choice
-from pyramidnet_jax.models import _conv_and_norm as _pyramidnet_conv_and_norm
-from pyramidnet_jax.models import _pad
-from pyramidnet_jax.models import _torch_linear_init
-from pyramidnet_jax.models import conv_init
-from pyramidnet_jax.models import validate_call
+from pyramidnet_jax import levers
+from pyramidnet_jax.models import head
+from pyramidnet_jax.models import layers
+from pyramidnet_jax.models.batch_norm import BatchNorm
+from pyramidnet_jax.models.layers import conv_init
+from pyramidnet_jax.models.layers import symmetric_padding as _pad
 
 STEMS = ('imagenet', 'cifar')
 STEM_WIDTH = 64
@@ -50,67 +46,11 @@ STAGE_KERNELS = ((3, 5, 7, 9), (3, 5, 7), (3, 5), (3,))
 STAGE_DIVISORS = ((4, 4, 4, 4), (4, 4, 2), (2, 2), (1,))
 
 
-_DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
-
-
-def _lax_conv(x, kernel, strides, padding, groups):
-  return lax.conv_general_dilated(x, kernel, strides, padding,
-                                  dimension_numbers=_DIMENSION_NUMBERS,
-                                  feature_group_count=groups)
-
-
-def _block_diagonal(kernel: jax.Array, groups: int) -> jax.Array:
-  """The dense HWIO kernel equal to a grouped one: zero between different groups."""
-  kh, kw, cin_per_group, cout = kernel.shape
-  kernel = kernel.reshape(kh, kw, cin_per_group, groups, cout // groups)
-  dense = jnp.einsum('hwcgo,Gg->hwGcgo', kernel, jnp.eye(groups, dtype=kernel.dtype))
-  return dense.reshape(kh, kw, groups * cin_per_group, cout)
-
-
-def grouped_conv2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                   padding: tuple[tuple[int, int], tuple[int, int]], groups: int) -> jax.Array:
-  """NHWC x HWIO grouped convolution, explicit padding: lax's values (up to rounding) and gradients.
-
-  XLA's CPU grouped convolution is very slow, its kernel gradient above all (measured on a
-  2-core CPU, batch 8, 28x28, 64 -> 16 channels, 9x9 with 16 groups: forward 183 ms, kernel
-  gradient 8.2 s). On CPU it therefore runs as a dense convolution with the block-diagonal
-  kernel, differentiated as such (forward 17 ms, kernel gradient 57 ms; faster even at 64
-  groups, despite the groups-times more multiply-adds). Other backends run XLA's grouped
-  convolution unchanged. Where conv.uses_onednn (CPU, float32, one device), oneDNN's grouped
-  convolution runs instead, forward and backward, without the extra multiply-adds.
-  """
-  if strides[0] == strides[1] and conv.uses_onednn(x, padding):
-    return conv.conv2d(x, kernel, strides[0], padding, groups)  # oneDNN, grouped natively.
-  if groups == 1:
-    return _lax_conv(x, kernel, strides, padding, 1)
-  return lax.platform_dependent(
-      x, kernel,
-      cpu=lambda x, k: _lax_conv(x, _block_diagonal(k, groups), strides, padding, 1),
-      default=lambda x, k: _lax_conv(x, k, strides, padding, groups))
-
-
-def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                          precision=None):
-  """lax.conv_general_dilated for nn.Conv, through grouped_conv2d in the case PyConv uses."""
-  plain = (lhs.ndim == 4 and not isinstance(padding, str)
-           and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-           and precision is None
-           and dimension_numbers == lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                                               _DIMENSION_NUMBERS))
-  if not plain:
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
-                                    rhs_dilation, dimension_numbers, feature_group_count,
-                                    precision=precision)
-  return grouped_conv2d(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding),
-                        feature_group_count)
-
-
 def _grouped_conv(features: int, kernel: int, stride: int, groups: int, dtype: Any,
                   param_dtype: Any, kernel_init: Callable[..., Any], name: str) -> nn.Conv:
   return nn.Conv(features, (kernel, kernel), stride, _pad(kernel), feature_group_count=groups,
                  use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-                 conv_general_dilated=_conv_general_dilated, name=name)
+                 conv_general_dilated=levers.current().conv_general_dilated, name=name)
 
 
 class PyConv(nn.Module):
@@ -158,8 +98,8 @@ class PyConv(nn.Module):
     return jnp.concatenate(outs, axis=-1)
 
 
-# PyramidNet's conv, and a BatchNorm trained with the textbook gradient (blocks.BatchNorm).
-_conv_and_norm = functools.partial(_pyramidnet_conv_and_norm, norm=BatchNorm)
+# PyramidNet's conv, and nn.BatchNorm's arithmetic with the platform's gradient.
+_conv_and_norm = functools.partial(layers.conv_and_norm, norm=BatchNorm)
 
 
 def _pyramid(module: nn.Module, planes: int, kernels: Sequence[int], divisors: Sequence[int],
@@ -240,7 +180,7 @@ class PyConvBasicBlock(nn.Module):
     return nn.relu(y + _identity(self, x, self.planes, self.stride, train).astype(y.dtype))
 
 
-class _PyConvNet(nn.Module):
+class _PyConvNet(head.ImageClassifier):
   """Shared body of PyConvResNet and PyConvHGResNet; see their docstrings."""
   depth: int
   num_classes: int
@@ -259,7 +199,7 @@ class _PyConvNet(nn.Module):
   @property
   def layout(self) -> tuple[tuple[int, ...], bool]:
     """(blocks per stage, bottleneck); validates depth and stem."""
-    _check_choice('stem', self.stem, STEMS)
+    layers.check_choice('stem', self.stem, STEMS)
     name = type(self).__name__
     if isinstance(self.depth, bool) or not isinstance(self.depth, int):
       raise ValueError(f'{name} depth must be an int, got {self.depth!r}.')
@@ -276,18 +216,11 @@ class _PyConvNet(nn.Module):
     """Width of the pooled feature vector fed to the classifier; validates the configuration."""
     return self.PLANES[-1] * self.expansion
 
-  def features(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
-    """Backbone: {'stem', 'stage1', ..., 'stage4', 'pooled'}; 'pooled' is (batch, num_features).
-
-    Call it with `model.apply(variables, x, method='features')`.
-    """
-    return self(x, train, return_features=True)
-
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
     """Float32 logits (batch, num_classes), or the `features` dict if return_features."""
     layout, bottleneck = self.layout
-    validate_call(self, x)
+    layers.validate_call(self, x)
     conv, norm = _conv_and_norm(self, train)
     out = {}
     x = x.astype(self.dtype)
@@ -308,19 +241,14 @@ class _PyConvNet(nn.Module):
                           stride=stride, dtype=self.dtype, param_dtype=self.param_dtype,
                           name=f'layer{stage + 1}_{i}', **extra)
         if self.remat:
-          x = remat.rematerialised_call(block, x, train)
+          x = levers.current().remat_call(block, x, train)
         else:
           x = block(x, train)
       out[f'stage{stage + 1}'] = x
     out['pooled'] = pooled = jnp.mean(x, axis=(1, 2))
     if return_features:
       return out
-    pooled = nn.Dropout(self.dropout_rate, name='dropout')(pooled, deterministic=not train)
-    fan_in = self.num_features
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=_torch_linear_init(fan_in), bias_init=_torch_linear_init(fan_in),
-                      name='fc')(pooled)
-    return logits.astype(jnp.float32)
+    return self.classify(pooled, train)
 
 
 class PyConvResNet(_PyConvNet):
@@ -338,8 +266,8 @@ class PyConvResNet(_PyConvNet):
       2 on the PyConv of its first block) or 'cifar' (ours, for small images, not the paper's:
       conv3x3/1 -> BN -> ReLU and stage 1 at stride 1, so 32x32 ends at 4x4).
     dropout_rate: dropout before the classifier (the authors' dropout_prob0; 0 by default).
-    remat: rematerialise each block in the backward pass (pyramidnet_jax/remat.py; XLA temp
-      1.38 -> 0.88 GiB for PyConvResNet-50 at batch 32, 112x112, CPU).
+    remat: recompute each block in the backward pass instead of keeping its activations
+      (`levers.current().remat_call`; docs/benchmarks.md#levers).
     dtype: computation dtype (e.g. jnp.bfloat16); BN statistics and logits stay float32.
     param_dtype: parameter dtype.
   """

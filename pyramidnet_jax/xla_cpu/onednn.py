@@ -1,8 +1,8 @@
 """oneDNN convolutions for XLA:CPU: csrc/onednn_conv.cc, built on first use and called by XLA FFI.
 
 XLA's CPU convolutions are the bottleneck of a PyramidNet training step on CPU: at its odd widths
-the forward is about 2x and the weight gradient up to 17x slower than oneDNN's, the library
-PyTorch uses (docs/benchmarks.md). The handlers in csrc/onednn_conv.cc run oneDNN's primitives on
+they are several times slower than oneDNN's, the library PyTorch uses, the weight gradient above
+all (docs/benchmarks.md#levers). The handlers in csrc/onednn_conv.cc run oneDNN's primitives on
 XLA's buffers in place. They are compiled here with the system's C++ compiler, against the XLA FFI
 headers that jaxlib ships and oneDNN's headers and library, once per machine: the shared object
 is cached under ~/.cache/pyramidnet_jax/onednn (PYRAMIDNET_ONEDNN_CACHE overrides), keyed on the
@@ -12,7 +12,8 @@ What is needed (pip install -r requirements.txt brings the library; headers come
 already a dependency, or PyTorch): a C++17 compiler (`g++`, or $CXX), oneDNN 3.x's libdnnl.so.3
 (the `onednn-cpu-gomp` wheel installs it into the environment; PYRAMIDNET_ONEDNN_LIB names
 another), and its headers (PYRAMIDNET_ONEDNN_INCLUDE names a directory holding oneapi/dnnl/).
-`status()` says what is missing. Only float32 convolutions on CPU use it; conv.py decides when.
+`status()` says what is missing. Only float32 convolutions on CPU use it; convolution.py decides
+when.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""XLA's persistent compilation cache, and loading a function's entry while the function traces.
+"""Loading a function's persistent-cache entry while the function traces, for the CPU kit.
 
 JAX finds a cache entry by a key computed from the lowered program, so even a cached start traces
-and lowers the training step first (PyramidNet-272 a200: 4 s on 2 CPU cores) and only then
-deserialises the executable (5-8 s). `prefetching` overlaps the two. A small file in the cache
+and lowers the training step first and only then deserialises the executable; for a deep network
+on a small CPU both take seconds (docs/benchmarks.md#levers). `prefetching` overlaps the two. A small file in the cache
 directory records which entry a jitted function's last compile read, for the same argument shapes,
 shardings, versions and context (the config); the next start deserialises that entry on a
 background thread while the function traces (XLA releases the GIL while it deserialises).
@@ -29,17 +29,9 @@ from typing import Any, Iterator
 from absl import logging
 import jax
 
-DEFAULT_DIR = '~/.cache/pyramidnet_jax/xla'  # As configs/default.py.
 HINT_PREFIX = 'pyramidnet_jax-last-entry-'
 _READ_PARAMETERS = ('module_name', 'cache_key', 'compile_options', 'backend',
                     'executable_devices')
-
-
-def enable(cache_dir: str = DEFAULT_DIR) -> None:
-  """Persistent XLA cache: deep nets with a different width per block compile slowly."""
-  if cache_dir:
-    jax.config.update('jax_compilation_cache_dir', os.path.expanduser(cache_dir))
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 def _local_cache_dir() -> str | None:

@@ -1,0 +1,1 @@
+"""The benchmark against PyTorch (the command line is pyramidnet_jax/benchmark.py)."""

@@ -1,0 +1,1 @@
+"""Evaluation: a network on a split, the report, and classifying image files."""

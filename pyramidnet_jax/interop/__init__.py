@@ -1,0 +1,1 @@
+"""Interoperation: loading trained networks, PyTorch weights both ways, the PyTorch references."""
