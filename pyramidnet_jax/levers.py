@@ -24,8 +24,8 @@ The command-line entry points switch to the kit (`xla_cpu.enable`) only when the
 only platform, so no GPU or TPU runs a lever that was never measured there, and nothing private
 of JAX is touched off the CPU. Measured effects: docs/benchmarks.md#levers.
 
-Switch the levers before tracing: jax.jit caches a trace per function, so a function traced under
-one set keeps it.
+Switch the levers before tracing: jax.jit caches traces on the Python function, so a function
+traced under one set keeps that trace; jit a fresh functools.partial of it after a switch.
 """
 
 from __future__ import annotations

@@ -6,16 +6,17 @@ No speed thresholds: only that every figure exists and is positive.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from configs import fashion_mnist_demo
-from pyramidnet_jax import benchmark
+from pyramidnet_jax.benchmarking import common
+from pyramidnet_jax.benchmarking import pytorch
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 
 TRAIN_FIELDS = ('train_images_per_s', 'inference_images_per_s', 'time_to_first_step_s',
                 'state_creation_s', 'peak_rss_mb', 'num_params')
@@ -98,16 +99,16 @@ def test_compile_only_reports_xla_memory_and_runs_no_step(tmp_path, cache_dir):
 
 def test_data_spec_reads_no_data():
   config = fashion_mnist_demo.get_config()
-  assert benchmark.data_spec(config) == ((28, 28, 1), 10)
-  assert benchmark.data_spec(config, 16) == ((16, 16, 1), 10)
+  assert common.data_spec(config) == ((28, 28, 1), 10)
+  assert common.data_spec(config, 16) == ((16, 16, 1), 10)
   config.dataset = 'imagenet2012'
-  assert benchmark.data_spec(config) == ((224, 224, 3), 1000)
+  assert common.data_spec(config) == ((224, 224, 3), 1000)
   config.dataset = 'mnist'
   with pytest.raises(ValueError, match='Unknown config.dataset'):
-    benchmark.data_spec(config)
+    common.data_spec(config)
 
 
 def test_pyconv_small_stem_has_no_torch_reference():
   from configs import fashion_mnist_pyconv  # pylint: disable=g-import-not-at-top
-  assert 'ImageNet stem' in benchmark.torch_unsupported(fashion_mnist_pyconv.get_config())
-  assert benchmark.torch_unsupported(fashion_mnist_demo.get_config()) is None
+  assert 'ImageNet stem' in pytorch.unsupported(fashion_mnist_pyconv.get_config())
+  assert pytorch.unsupported(fashion_mnist_demo.get_config()) is None

@@ -13,8 +13,6 @@ import pytest
 
 from configs import default
 from pyramidnet_jax import models
-from pyramidnet_jax import pyconv
-from pyramidnet_jax import train
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
@@ -120,7 +118,7 @@ def test_paper_config(name):
     assert model_config[key] == value, (name, key)
 
   # It builds, with the paper's final feature dimension.
-  model = train.create_model(model_config, NUM_CLASSES[config.dataset])
+  model = models.from_config(model_config, NUM_CLASSES[config.dataset])
   assert model.num_features == PAPER_FEATURES[name]
   assert model.num_classes == NUM_CLASSES[config.dataset]
 
@@ -150,8 +148,8 @@ def test_pyconv_imagenet_config(name):
   assert model_config.stem == 'imagenet' and model_config.dtype == 'float32'
   assert model_config.dropout_rate == 0.0 and not model_config.remat
   assert config.dataset == 'imagenet2012'
-  model = train.create_model(model_config, NUM_CLASSES[config.dataset])
-  cls = pyconv.PyConvResNet if model_name == 'pyconvresnet' else pyconv.PyConvHGResNet
+  model = models.from_config(model_config, NUM_CLASSES[config.dataset])
+  cls = models.PyConvResNet if model_name == 'pyconvresnet' else models.PyConvHGResNet
   assert type(model) is cls and model.depth == depth and model.stem == 'imagenet'
   assert model.num_features == 2048 and model.num_classes == 1000
   # The authors' recipe (iduta/pyconv args_file.py): plain momentum, no Nesterov.
@@ -168,8 +166,8 @@ def test_pyconv_imagenet_config(name):
 def test_fashion_mnist_pyconv_config():
   config = load('fashion_mnist_pyconv')
   assert config.dataset == 'fashion_mnist'
-  model = train.create_model(config.model, NUM_CLASSES[config.dataset])
-  assert type(model) is pyconv.PyConvResNet
+  model = models.from_config(config.model, NUM_CLASSES[config.dataset])
+  assert type(model) is models.PyConvResNet
   assert model.depth == 18 and model.stem == 'cifar' and model.num_features == 512
   text = ' '.join(docstring('fashion_mnist_pyconv').split())
   assert 'ours, not the paper' in text and 'accuracy: not measured' in text

@@ -9,11 +9,13 @@ import json
 import os
 import types
 
+import chex
 import jax
 import numpy as np
 import pytest
 
-from pyramidnet_jax import input_pipeline
+from pyramidnet_jax import data
+from pyramidnet_jax.data import fashion_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,10 +23,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the CPU compile time of each test program by about a third.
 jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 
-FASHION_DIR = input_pipeline.FASHION_MNIST_DEFAULT_DIR
+FASHION_DIR = fashion_mnist.DEFAULT_DIR
 HAVE_FASHION = all(
     os.path.isfile(os.path.join(FASHION_DIR, f))
-    for pair in input_pipeline.FASHION_MNIST_FILES.values() for f in pair)
+    for pair in fashion_mnist.FILES.values() for f in pair)
 needs_fashion = pytest.mark.skipif(
     not HAVE_FASHION, reason='needs the real Fashion-MNIST: `apt-get install dataset-fashion-mnist`')
 
@@ -71,6 +73,7 @@ def tiny_config(**overrides):
   config.checkpoint_every_steps = 1000
   config.log_every_steps = 1
   config.progress_bar = False
+  config.write_report = False  # The tests of the report turn it on.
   config.compilation_cache_dir = ''
   for name, value in overrides.items():
     target = config
@@ -82,28 +85,30 @@ def tiny_config(**overrides):
 
 
 @functools.lru_cache(maxsize=1)
-def _fashion_mnist() -> input_pipeline.Dataset:
+def _fashion_mnist() -> data.Dataset:
   config = types.SimpleNamespace(dataset='fashion_mnist', data_dir='', validation_fraction=0.0,
                                  validation_seed=0, augment=True)
-  return input_pipeline.load_dataset(config)
+  return data.load_dataset(config)
 
 
-def fashion_subset(num_train: int, num_test: int) -> input_pipeline.Dataset:
+def fashion_subset(num_train: int, num_test: int) -> data.Dataset:
   """The first `num_train` training and `num_test` test images of the real Fashion-MNIST."""
   if not HAVE_FASHION:
     pytest.skip('needs the real Fashion-MNIST: `apt-get install dataset-fashion-mnist`')
   full = _fashion_mnist()
   return dataclasses.replace(
       full,
-      train=input_pipeline.Split(full.train.images[:num_train], full.train.labels[:num_train]),
-      test=input_pipeline.Split(full.test.images[:num_test], full.test.labels[:num_test]))
+      train=dataclasses.replace(full.train, images=full.train.images[:num_train],
+                                labels=full.train.labels[:num_train]),
+      test=dataclasses.replace(full.test, images=full.test.images[:num_test],
+                               labels=full.test.labels[:num_test]))
 
 
-def serve_subset(monkeypatch, num_train: int, num_test: int) -> input_pipeline.Dataset:
+def serve_subset(monkeypatch, num_train: int, num_test: int) -> data.Dataset:
   """Makes the Fashion-MNIST reader return a real subset; the rest of load_dataset (validation
-  hold-out, config.augment) runs unchanged."""
+  hold-out, config.augment, the process's slice) runs unchanged."""
   subset = fashion_subset(num_train, num_test)
-  monkeypatch.setattr(input_pipeline, '_load_fashion_mnist', lambda data_dir: subset)
+  monkeypatch.setattr(fashion_mnist, 'load', lambda data_dir: subset)
   return subset
 
 
@@ -159,12 +164,10 @@ def flat_leaves(tree) -> dict[str, np.ndarray]:
 
 
 def assert_trees_equal(a, b, what: str = 'tree') -> None:
-  """Same paths, and bit-identical arrays at every leaf."""
-  left, right = flat_leaves(a), flat_leaves(b)
-  assert sorted(left) == sorted(right), f'{what}: different structure'
-  assert left, f'{what}: empty'
-  different = [k for k in left if not np.array_equal(left[k], right[k], equal_nan=True)]
-  assert not different, f'{what}: leaves differ: {different[:10]}'
+  """Same structure, and bit-identical arrays (NaN equal to NaN) at every leaf of a non-empty
+  tree."""
+  assert jax.tree.leaves(a), f'{what}: empty'
+  chex.assert_trees_all_equal(a, b, custom_message=what)
 
 
 def gradient_temp_bytes(model, x: jax.ShapeDtypeStruct) -> int:

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from pyramidnet_jax import input_pipeline
+from pyramidnet_jax.data import fashion_mnist
 from tests import helpers
 from tests.helpers import needs_fashion
 
@@ -42,9 +42,9 @@ def _tiny_fashion_mnist(directory, num_train=256, num_test=100):
   """The first images of the real Fashion-MNIST, as the four IDX files the loader reads."""
   os.makedirs(directory)
   sizes = {'train': num_train, 'test': num_test}
-  for split, files in input_pipeline.FASHION_MNIST_FILES.items():
+  for split, files in fashion_mnist.FILES.items():
     for name in files:
-      data = input_pipeline.read_idx(os.path.join(helpers.FASHION_DIR, name))
+      data = fashion_mnist.read_idx(os.path.join(helpers.FASHION_DIR, name))
       _write_idx(os.path.join(directory, name), data[:sizes[split]])
   return directory
 

@@ -25,53 +25,53 @@ NUM_STEPS = 3
 
 def _dataset():
   """A few hundred real Fashion-MNIST images, or random ones where the files are absent."""
-  from pyramidnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from pyramidnet_jax import data  # pylint: disable=g-import-not-at-top
   if helpers.HAVE_FASHION:
     return helpers.fashion_subset(256, 64)
   rng = np.random.default_rng(0)
-  split = input_pipeline.Split(rng.integers(0, 256, (256, 28, 28, 1), dtype=np.uint8),
-                               rng.integers(0, 10, 256).astype(np.int32))
-  return input_pipeline.Dataset(
-      name='random', train=split, test=split, validation=None, num_classes=10,
-      class_names=tuple(map(str, range(10))), mean=(0.5,), std=(0.25,), augmentation='none')
+  preprocessing = data.Preprocessing(mean=(0.5,), std=(0.25,), augmentation='none')
+  split = data.ArraySplit(rng.integers(0, 256, (256, 28, 28, 1), dtype=np.uint8),
+                          rng.integers(0, 10, 256).astype(np.int32), preprocessing=preprocessing)
+  return data.Dataset(name='random', train=split, test=split, validation=None, num_classes=10,
+                      class_names=tuple(map(str, range(10))), preprocessing=preprocessing)
 
 
 def worker(out_path: str, cache_dir: str) -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  from pyramidnet_jax import compile_cache  # pylint: disable=g-import-not-at-top
-  from pyramidnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from pyramidnet_jax import train  # pylint: disable=g-import-not-at-top
-
-  compile_cache.enable(cache_dir)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)  # Tiny steps written too.
-
-  devices = jax.devices()
-  assert len(devices) == NUM_DEVICES, devices
+  from pyramidnet_jax import cli  # pylint: disable=g-import-not-at-top
   # 16 images split over 8 devices: 2 per device, so the BatchNorm statistics of one device's
   # shard would differ clearly from the global batch's.
   config = helpers.tiny_config(batch_size=16, eval_batch_size=32, learning_rate=0.1,
                                label_smoothing=0.1)
+  assert cli.set_up_platform(config)  # As the command line does: the CPU kit.
+  import jax  # pylint: disable=g-import-not-at-top
+  from pyramidnet_jax import models  # pylint: disable=g-import-not-at-top
+  from pyramidnet_jax.training import optimizer  # pylint: disable=g-import-not-at-top
+  from pyramidnet_jax.training import runtime as runtime_lib  # pylint: disable=g-import-not-at-top
+
+  cli.enable_compilation_cache(cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)  # Tiny steps written too.
+
+  devices = jax.devices()
+  assert len(devices) == NUM_DEVICES, devices
   dataset = _dataset()
-  steps_per_epoch = input_pipeline.steps_per_epoch(dataset, config.batch_size)
-  model = train.create_model(config.model, dataset.num_classes)
-  lr_fn = train.create_learning_rate_fn(config, steps_per_epoch, NUM_STEPS)
-  tx = train.create_optimizer(config, lr_fn)
-  runtimes = {'one': train.create_runtime(config, lr_fn, devices=devices[:1]),
-              'eight': train.create_runtime(config, lr_fn, devices=devices)}
+  steps_per_epoch = dataset.train.steps_per_epoch(config.batch_size)
+  model = models.from_config(config.model, dataset.num_classes)
+  lr_fn = optimizer.create_learning_rate_fn(config, steps_per_epoch, NUM_STEPS)
+  tx = optimizer.create_optimizer(config, lr_fn)
+  runtimes = {'one': runtime_lib.create_runtime(config, lr_fn, devices=devices[:1]),
+              'eight': runtime_lib.create_runtime(config, lr_fn, devices=devices)}
   # One initial state, copied to host, then placed on each mesh (train_step donates its input).
-  initial = jax.device_get(train.create_train_state(config, model, dataset.train.images.shape[1:],
-                                                    tx, runtimes['one']))
-  eval_batch = next(input_pipeline.eval_batches(dataset.test, config.eval_batch_size,
-                                                dataset.mean, dataset.std))
+  initial = jax.device_get(runtime_lib.create_train_state(config, model, dataset.image_shape,
+                                                          tx, runtimes['one']))
+  eval_batch = next(dataset.test.eval_batches(config.eval_batch_size))
   out = {}
-  runtimes['eight_again'] = train.create_runtime(config, lr_fn, devices=devices)
+  runtimes['eight_again'] = runtime_lib.create_runtime(config, lr_fn, devices=devices)
   for name, runtime in runtimes.items():
     if name == 'eight_again':
       jax.clear_caches()  # Nothing compiled in memory: a new process, with the same disk cache.
     state = jax.device_put(initial, runtime.replicated)
     for step in range(NUM_STEPS):
-      batch = input_pipeline.train_batch(dataset, config.batch_size, config.seed, 0, step,
-                                         augment=True)
+      batch = dataset.train.train_batch(config.batch_size, config.seed, 0, step)
       sharded = runtime.put_batch(batch)
       out[f'{name}/num_batch_shards'] = len(sharded['image'].addressable_shards)
       state, metrics = runtime.train_step(state, sharded)

@@ -65,11 +65,15 @@ def create_runtime(config: ml_collections.ConfigDict,
     train_step = compiled(jax.jit(train, in_shardings=(replicated, data_sharding),
                                   out_shardings=(replicated, replicated), donate_argnums=0),
                           'train_step', context)
+  # Fresh partials: jax.jit caches traces on the Python function, and this runtime's steps must
+  # be traced under the levers of now, not those of an earlier runtime's first call.
   return Runtime(
       mesh=mesh, data_sharding=data_sharding, replicated=replicated, train_step=train_step,
-      eval_step=compiled(jax.jit(step.eval_step, in_shardings=(replicated, data_sharding),
+      eval_step=compiled(jax.jit(functools.partial(step.eval_step),
+                                 in_shardings=(replicated, data_sharding),
                                  out_shardings=replicated), 'eval_step', context),
-      logits_step=compiled(jax.jit(step.logits_step, in_shardings=(replicated, data_sharding),
+      logits_step=compiled(jax.jit(functools.partial(step.logits_step),
+                                   in_shardings=(replicated, data_sharding),
                                    out_shardings=replicated), 'logits_step', context))
 
 

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pyramidnet_jax import report
+from pyramidnet_jax.evaluation import report
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = helpers.ROOT
 NAMES = ['cat', 'dog', 'fox', 'bird']
 LABELS = np.array([0, 0, 0, 0, 1, 1, 2, 2])
 PREDICTIONS = np.array([0, 0, 0, 1, 1, 1, 2, 0])
@@ -233,7 +234,7 @@ def test_confusion_matrix_plot_sizes(tmp_path, num_classes):
 
 
 def test_import_stays_light():
-  code = ('import sys, pyramidnet_jax.report; '
+  code = ('import sys, pyramidnet_jax.evaluation.report; '
           'heavy = [m for m in ("sklearn", "matplotlib") if m in sys.modules]; '
           'assert not heavy, heavy')
   subprocess.run([sys.executable, '-c', code], cwd=ROOT, check=True)

@@ -1,4 +1,5 @@
-"""Tests of the PyTorch reference networks (tests/torch_reference.py) against SPEC facts."""
+"""The PyTorch reference networks (pyramidnet_jax/interop/torch_reference.py) against the paper's
+facts (docs/architecture.md#fidelity)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from pyramidnet_jax import torch_reference as ref  # noqa: E402  (needs torch)
+from pyramidnet_jax.interop import torch_reference as ref  # noqa: E402  (needs torch)
 
 
 def _meta(build):

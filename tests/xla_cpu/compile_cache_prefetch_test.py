@@ -1,4 +1,5 @@
-"""Loading a persistent-cache entry while the step traces (compile_cache.prefetching).
+"""Loading a persistent-cache entry while the step traces (compile_cache_prefetch.prefetching,
+through tracing.FastStartJit, the kit's `compiled` lever).
 
 The preloaded executable may only ever stand in for the entry JAX itself asks for: a changed
 program, a corrupt entry or a JAX without the hook must give what JAX alone would.
@@ -13,10 +14,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from pyramidnet_jax import compile_cache
-from pyramidnet_jax import train
+from pyramidnet_jax import levers
+from pyramidnet_jax import xla_cpu
+from pyramidnet_jax.training import step as step_lib
+from pyramidnet_jax.xla_cpu import compile_cache_prefetch
+from pyramidnet_jax.xla_cpu import tracing
 from tests import helpers
 
 
@@ -37,7 +42,7 @@ def _args():
 def _fresh_start(fn, context='config A'):
   """A new process's view: no executable in memory, only the persistent cache on disk."""
   jax.clear_caches()
-  jitted = train.FastStartJit(jax.jit(fn), 'step', context)
+  jitted = tracing.FastStartJit(jax.jit(fn), 'step', context)
   return jitted, jitted(*_args())
 
 
@@ -55,13 +60,21 @@ def make_step(scale):
 step = make_step(2.0)
 
 
+def test_only_the_kit_compiles_through_fast_start_jit():
+  jitted = jax.jit(step)
+  assert levers.PLAIN.compiled(jitted, 'step', 'config A') is jitted
+  fast = xla_cpu.LEVERS.compiled(jitted, 'step', 'config A')
+  assert isinstance(fast, tracing.FastStartJit)
+  assert (fast.jitted, fast.name, fast.context) == (jitted, 'step', 'config A')
+
+
 def test_second_start_loads_the_entry_the_first_compile_read(cache_dir):
   _, want = _fresh_start(step)
   jitted, got = _fresh_start(step)
   assert jitted.first_call_prefetch == 'used'
   np.testing.assert_array_equal(got, want)
   np.testing.assert_allclose(got, _reference(2), rtol=1e-6)
-  (hint_file,) = glob.glob(os.path.join(cache_dir, compile_cache.HINT_PREFIX + '*.json'))
+  (hint_file,) = glob.glob(os.path.join(cache_dir, compile_cache_prefetch.HINT_PREFIX + '*.json'))
   with open(hint_file) as f:
     hint = json.load(f)
   assert hint['module_name'] == 'jit_step'
@@ -77,7 +90,7 @@ def test_first_start_records_without_prefetching():
 
 
 def _hint(cache_dir):
-  (hint_file,) = glob.glob(os.path.join(cache_dir, compile_cache.HINT_PREFIX + '*.json'))
+  (hint_file,) = glob.glob(os.path.join(cache_dir, compile_cache_prefetch.HINT_PREFIX + '*.json'))
   with open(hint_file) as f:
     return json.load(f)
 
@@ -110,7 +123,7 @@ def test_a_corrupt_entry_is_left_to_jax_which_warns_and_compiles(cache_dir):
 
 def test_an_unreadable_hint_is_ignored(cache_dir):
   _, want = _fresh_start(step)
-  (hint_file,) = glob.glob(os.path.join(cache_dir, compile_cache.HINT_PREFIX + '*.json'))
+  (hint_file,) = glob.glob(os.path.join(cache_dir, compile_cache_prefetch.HINT_PREFIX + '*.json'))
   with open(hint_file, 'w') as f:
     f.write('{"cache_key": ')
   jitted, got = _fresh_start(step)
@@ -130,9 +143,9 @@ def test_off_without_a_persistent_cache():
 def test_off_where_jax_has_no_cache_read_to_hook(monkeypatch):
   from jax._src import compiler  # pylint: disable=g-import-not-at-top
   args = _args()
-  monkeypatch.setattr(compile_cache, '_hook_installed', False)
+  monkeypatch.setattr(compile_cache_prefetch, '_hook_installed', False)
   monkeypatch.setattr(compiler, '_cache_read', lambda cache_key, backend: (None, None))
-  with compile_cache.prefetching('step', args) as prefetch:
+  with compile_cache_prefetch.prefetching('step', args) as prefetch:
     pass
   assert prefetch.outcome == 'off'
 
@@ -140,13 +153,15 @@ def test_off_where_jax_has_no_cache_read_to_hook(monkeypatch):
 def test_signature_key_holds_no_object_addresses_and_tells_signatures_apart():
   def state(scale):
     # A flax struct whose static fields are fresh function objects, as TrainState.apply_fn.
-    return train.TrainState.create(apply_fn=lambda *a: a, params={'w': jnp.ones((2, 3)) * scale},
-                                   tx=train.optax.sgd(0.1), batch_stats={})
+    return step_lib.TrainState.create(apply_fn=lambda *a: a,
+                                      params={'w': jnp.ones((2, 3)) * scale},
+                                      tx=optax.sgd(0.1), batch_stats={})
 
-  key = compile_cache.signature_key('step', (state(1.0),), 'ctx')
-  assert compile_cache.signature_key('step', (state(2.0),), 'ctx') == key  # Values don't count.
-  assert compile_cache.signature_key('eval', (state(1.0),), 'ctx') != key
-  assert compile_cache.signature_key('step', (state(1.0),), 'other') != key
-  other_shape = train.TrainState.create(apply_fn=None, params={'w': jnp.ones((3, 3))},
-                                        tx=train.optax.sgd(0.1), batch_stats={})
-  assert compile_cache.signature_key('step', (other_shape,), 'ctx') != key
+  signature_key = compile_cache_prefetch.signature_key
+  key = signature_key('step', (state(1.0),), 'ctx')
+  assert signature_key('step', (state(2.0),), 'ctx') == key  # Values don't count.
+  assert signature_key('eval', (state(1.0),), 'ctx') != key
+  assert signature_key('step', (state(1.0),), 'other') != key
+  other_shape = step_lib.TrainState.create(apply_fn=None, params={'w': jnp.ones((3, 3))},
+                                           tx=optax.sgd(0.1), batch_stats={})
+  assert signature_key('step', (other_shape,), 'ctx') != key

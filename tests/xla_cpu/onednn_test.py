@@ -1,13 +1,21 @@
-"""The oneDNN CPU convolutions: same values and gradients as XLA's, chosen when they should be."""
+"""The kit's oneDNN convolutions: same values and gradients as XLA's, chosen when they should be.
+
+oneDNN is a dependency on Linux x86-64 (onednn-cpu-gomp) and its FFI handler builds with the C++
+compiler there; elsewhere `onednn.status()` says why not and these tests skip.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pyramidnet_jax import conv
+from pyramidnet_jax import levers
 from pyramidnet_jax import models
-from pyramidnet_jax import onednn
+from pyramidnet_jax import xla_cpu
+from pyramidnet_jax.models import layers
+from pyramidnet_jax.xla_cpu import convolution
+from pyramidnet_jax.xla_cpu import host_init
+from pyramidnet_jax.xla_cpu import onednn
 from tests import helpers
 
 needs_onednn = pytest.mark.skipif(onednn.status() is not None,
@@ -16,10 +24,10 @@ needs_onednn = pytest.mark.skipif(onednn.status() is not None,
 
 @pytest.fixture
 def backend():
-  """Sets conv's CPU backend for one test and restores the previous one."""
-  previous = conv.cpu_backend()
-  yield conv.set_cpu_backend
-  conv.set_cpu_backend(previous)
+  """Sets the kit's convolution backend for one test and restores the previous one."""
+  previous = convolution.backend()
+  yield convolution.set_backend
+  convolution.set_backend(previous)
 
 
 def relative_error(a, b) -> float:
@@ -27,10 +35,10 @@ def relative_error(a, b) -> float:
 
 
 def conv_values_and_grads(x, kernel, stride, groups=1):
-  padding = conv.symmetric_padding(kernel.shape[0])
+  padding = layers.symmetric_padding(kernel.shape[0])
 
   def loss(x, kernel):
-    y = conv.conv2d(x, kernel, stride, padding, groups)
+    y = convolution.conv2d(x, kernel, stride, padding, groups)
     return jnp.sum(y * jnp.cos(y)), y  # A non-linear loss, so the cotangent is not uniform.
 
   (_, y), (dx, dkernel) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, kernel)
@@ -58,8 +66,8 @@ def test_onednn_matches_xla(backend, batch, size, cin, cout, kernel, stride, gro
   w = jax.random.normal(keys[1], (kernel, kernel, cin // groups, cout))
   backend('onednn')
   ours = conv_values_and_grads(x, w, stride, groups)
-  assert onednn.TARGETS['forward'] in hlo(lambda x, w: conv.conv2d(
-      x, w, stride, conv.symmetric_padding(kernel), groups), x, w)
+  assert onednn.TARGETS['forward'] in hlo(lambda x, w: convolution.conv2d(
+      x, w, stride, layers.symmetric_padding(kernel), groups), x, w)
   backend('xla')
   theirs = conv_values_and_grads(x, w, stride, groups)
   for name, a, b in zip(('output', 'input gradient', 'kernel gradient'), ours, theirs):
@@ -72,7 +80,7 @@ def test_onednn_matches_xla(backend, batch, size, cin, cout, kernel, stride, gro
 def test_pyramidnet_training_gradients_match_across_backends(backend, bottleneck, depth):
   model = models.PyramidNet(depth=depth, alpha=8, num_classes=10, bottleneck=bottleneck)
   x = jax.random.normal(jax.random.key(1), (8, 15, 15, 3))  # Odd size: stride 2 on 15 and 8.
-  variables = models.init_variables(model, jax.random.key(0), x.shape)
+  variables = host_init.init_variables(model, jax.random.key(0), x.shape)
   labels = jnp.arange(8) % 10
 
   def loss(params):
@@ -84,12 +92,16 @@ def test_pyramidnet_training_gradients_match_across_backends(backend, bottleneck
   results = {}
   for name in ('onednn', 'xla'):
     backend(name)
-    results[name] = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
+    grad_fn = jax.value_and_grad(loss, has_aux=True)  # A new function: a trace of its own.
+    uses_onednn = onednn.TARGETS['backward_weights'] in hlo(grad_fn, variables['params'])
+    assert uses_onednn == (name == 'onednn')
+    results[name] = jax.jit(grad_fn)(variables['params'])
   (loss_o, stats_o), grads_o = results['onednn']
   (loss_x, stats_x), grads_x = results['xla']
   np.testing.assert_allclose(loss_o, loss_x, rtol=1e-5)
   # Relative to each leaf's size, or to a hundredth of the largest gradient for the BN biases
-  # whose gradient is zero up to rounding by construction (models_test.train_mode_dead_biases).
+  # whose gradient is zero up to rounding by construction
+  # (tests/models/pyramidnet_reference.train_mode_dead_biases).
   largest = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads_x))
   for a, b in zip(jax.tree.leaves((grads_o, stats_o)), jax.tree.leaves((grads_x, stats_x))):
     scale = max(float(jnp.max(jnp.abs(b))), 1e-2 * largest)
@@ -102,7 +114,7 @@ def test_when_onednn_is_used(backend, monkeypatch):
   w = jnp.ones((3, 3, 4, 4))
 
   def f(x, w):
-    return conv.conv2d(x, w, 1, ((1, 1), (1, 1)))
+    return convolution.conv2d(x, w, 1, ((1, 1), (1, 1)))
 
   target = onednn.TARGETS['forward']
   backend('auto')
@@ -113,13 +125,13 @@ def test_when_onednn_is_used(backend, monkeypatch):
   assert target not in hlo(f, x, w)
   # On several devices the SPMD partitioner would replicate the FFI call: XLA's convolution.
   backend('auto')
-  monkeypatch.setattr(conv.jax, 'device_count', lambda: 8)
+  monkeypatch.setattr(convolution.jax, 'device_count', lambda: 8)
   assert target not in hlo(f, x, w)
 
 
 def test_unknown_backend_is_rejected():
   with pytest.raises(ValueError, match="'auto', 'onednn', 'xla'"):
-    conv.set_cpu_backend('mkl')
+    convolution.set_backend('mkl')
 
 
 def test_missing_onednn_says_what_to_install(backend, monkeypatch):
@@ -134,18 +146,24 @@ def test_missing_onednn_says_what_to_install(backend, monkeypatch):
   backend('auto')
   x, w = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
   assert onednn.TARGETS['forward'] not in hlo(
-      lambda x, w: conv.conv2d(x, w, 1, ((1, 1), (1, 1))), x, w)
+      lambda x, w: convolution.conv2d(x, w, 1, ((1, 1), (1, 1))), x, w)
 
 
-def test_config_selects_the_backend(backend):
-  config = helpers.tiny_config(cpu_conv='xla')
-  from pyramidnet_jax import train  # pylint: disable=g-import-not-at-top
-  lr_fn = train.create_learning_rate_fn(config, 10, 10)
-  train.create_runtime(config, lr_fn)
-  assert conv.cpu_backend() == 'xla'
-  config.cpu_conv = 'cudnn'
-  with pytest.raises(ValueError, match='Unknown CPU convolution backend'):
-    train.create_runtime(config, lr_fn)
+@pytest.mark.parametrize('cpu_conv', ['xla', 'onednn', 'auto'])
+def test_enable_selects_the_configs_backend(backend, cpu_conv):
+  """xla_cpu.enable(config) (the command lines' set-up) takes config.cpu_conv; no config: 'auto'."""
+  if cpu_conv == 'onednn' and onednn.status() is not None:
+    pytest.skip(f'oneDNN convolutions unavailable: {onednn.status()}')
+  jax.devices()  # JAX started: enable leaves the process settings be (process_test.py).
+  with levers.using(levers.current()):  # enable switches the process's levers: restored after.
+    backend('xla' if cpu_conv != 'xla' else 'auto')
+    assert xla_cpu.enable(helpers.tiny_config(cpu_conv=cpu_conv))
+    assert convolution.backend() == cpu_conv
+    backend('xla')
+    assert xla_cpu.enable()
+    assert convolution.backend() == 'auto'
+    with pytest.raises(ValueError, match='Unknown CPU convolution backend'):
+      xla_cpu.enable(helpers.tiny_config(cpu_conv='cudnn'))
 
 
 @needs_onednn
@@ -155,7 +173,7 @@ def test_vmap_over_the_convolution(backend):
   w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
 
   def per_example_grads(x):
-    loss = lambda w, x: jnp.sum(jnp.sin(conv.conv2d(x, w, 2, ((1, 1), (1, 1)))))
+    loss = lambda w, x: jnp.sum(jnp.sin(convolution.conv2d(x, w, 2, ((1, 1), (1, 1)))))
     return jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0)))(w, x)
 
   backend('onednn')

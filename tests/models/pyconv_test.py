@@ -1,30 +1,32 @@
-"""Tests of pyramidnet_jax.pyconv: PyConvResNet / PyConvHGResNet (Duta et al. 2020, SPEC section 5).
+"""PyConvResNet / PyConvHGResNet (Duta et al. 2020): parameter counts and names as the authors'
+code, the pyramid levels, shapes, validation, the config factory, and a training step.
 
 Cheap by design (2-core CPU): the big networks are only traced (jax.eval_shape, no compilation);
-the compiled network is PyConvResNet-18 with our small-image stem (one training step on 28x28
-images, and remat's gradient and memory), compiled at XLA optimisation level 0.
+the compiled network is PyConvResNet-18 with our small-image stem, compiled at XLA optimisation
+level 0. The CPU kit's grouped convolutions and rematerialisation: tests/xla_cpu/.
 """
 
-import numpy as np
-import pytest
-
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax import lax
 
 from pyramidnet_jax import PyConv
 from pyramidnet_jax import PyConvHGResNet
 from pyramidnet_jax import PyConvResNet
+from pyramidnet_jax import levers
 from pyramidnet_jax import models
-from pyramidnet_jax import pyconv
-from pyramidnet_jax import train
+from pyramidnet_jax import xla_cpu
+from pyramidnet_jax.training import optimizer
+from pyramidnet_jax.training import runtime as runtime_lib
 from tests import helpers
-
-jit = helpers.jit
+from tests.models import pyramidnet_reference
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 
-# SPEC section 5: trainable parameters of the authors' code, 1000 classes.
+# Trainable parameters of the authors' code, 1000 classes.
 PARAM_COUNTS = {
     (PyConvResNet, 18): 5_911_976,
     (PyConvResNet, 34): 11_091_048,
@@ -91,8 +93,9 @@ def test_level_kernels_groups_and_splits():
       (3, 3, 64, 16), (5, 5, 16, 16), (7, 7, 8, 16), (9, 9, 4, 16)]
 
 
+@pytest.mark.parametrize('chosen', [levers.PLAIN, xla_cpu.LEVERS], ids=lambda lv: lv.name)
 @pytest.mark.parametrize('stride', [1, 2])
-def test_two_level_pyconv_equals_its_grouped_convs(stride):
+def test_two_level_pyconv_equals_its_grouped_convs(stride, chosen):
   layer = PyConv(features=(8, 16), kernel_sizes=(3, 5), groups=(1, 4), strides=stride)
   # Numpy draws: XLA's CPU compiler takes seconds per random-number op.
   rng = np.random.default_rng(0)
@@ -108,45 +111,10 @@ def test_two_level_pyconv_equals_its_grouped_convs(stride):
   y2 = lax.conv_general_dilated(x, k2, (stride, stride), ((2, 2), (2, 2)), dimension_numbers=DN,
                                 feature_group_count=4)
   expected = jnp.concatenate([y1, y2], axis=-1)
-  y = jax.jit(layer.apply)(variables, x)
-  assert y.shape == expected.shape == (2, 10 // stride, 10 // stride, 24)
-  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize('stride', [1, 2])
-def test_grouped_conv_gradients_match_lax(stride):
-  # On CPU grouped_conv2d runs a dense convolution with the block-diagonal kernel.
-  rng = np.random.default_rng(1)
-  x = rng.standard_normal((2, 10, 10, 8), np.float32)
-  kernel = rng.standard_normal((5, 5, 2, 12), np.float32) / 5
-  padding = ((2, 2), (2, 2))
-
-  def ours(x, k):
-    return jnp.sum(jnp.sin(pyconv.grouped_conv2d(x, k, (stride, stride), padding, 4)))
-
-  def reference(x, k):
-    return jnp.sum(jnp.sin(lax.conv_general_dilated(x, k, (stride, stride), padding,
-                                                    dimension_numbers=DN,
-                                                    feature_group_count=4)))
-
-  np.testing.assert_allclose(jax.jit(ours)(x, kernel), jax.jit(reference)(x, kernel), rtol=1e-5)
-  grads = [jax.jit(jax.grad(f, (0, 1)))(x, kernel) for f in (ours, reference)]
-  for got, want in zip(*grads):
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-
-
-def test_grouped_levels_go_through_grouped_conv2d(monkeypatch):
-  calls = []
-
-  def spy(x, kernel, strides, padding, groups):
-    calls.append((kernel.shape, strides, padding, groups))
-    return jnp.zeros((x.shape[0], 5, 5, kernel.shape[-1]), x.dtype)
-
-  monkeypatch.setattr(pyconv, 'grouped_conv2d', spy)
-  layer = PyConv(features=(8, 16), kernel_sizes=(3, 5), groups=(1, 4), strides=2)
-  jax.eval_shape(layer.init, jax.random.key(0), jax.ShapeDtypeStruct((2, 10, 10, 8), jnp.float32))
-  assert calls == [((3, 3, 8, 8), (2, 2), ((1, 1), (1, 1)), 1),
-                   ((5, 5, 2, 16), (2, 2), ((2, 2), (2, 2)), 4)]
+  with levers.using(chosen):
+    y = jax.jit(lambda v, x: layer.apply(v, x))(variables, x)  # A trace per set of levers.
+  chex.assert_shape([y, expected], (2, 10 // stride, 10 // stride, 24))
+  chex.assert_trees_all_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_pyconv_rejects_bad_levels():
@@ -227,93 +195,51 @@ def test_bfloat16_and_remat_keep_the_parameters_and_float32_logits():
     assert logits.dtype == jnp.float32
 
 
-def test_remat_is_exact():
-  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
-  labels = jnp.arange(4) % 10
-  base = PyConvResNet(depth=18, num_classes=10, stem='cifar')
-  variables = base.init(jax.random.key(0), x)
-
-  def loss_grads_stats(model):
-    def loss(params):
-      logits, updates = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                                    x, train=True, mutable=['batch_stats'])
-      return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels]), updates
-    return jit(jax.value_and_grad(loss, has_aux=True))(variables['params'])
-
-  (loss, stats), grads = loss_grads_stats(base)
-  (remat_loss, remat_stats), remat_grads = loss_grads_stats(base.clone(remat=True))
-  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
-  assert jax.tree.structure(remat_grads) == jax.tree.structure(grads)
-  for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()) + 1e-12)
-  for a, b in zip(jax.tree.leaves(remat_stats), jax.tree.leaves(stats)):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+def test_plain_remat_is_exact():
+  """nn.checkpoint (the plain levers' remat_call): the same loss, logits, gradients and running
+  statistics as without remat."""
+  _, variables, x = pyramidnet_reference.tiny_pyconv()
+  labels = pyramidnet_reference.labels_for(x)
+  results = []
+  with levers.using(levers.PLAIN):
+    for remat in (False, True):
+      model, _, _ = pyramidnet_reference.tiny_pyconv(remat)
+      results.append(pyramidnet_reference.training_results(model, variables, x, labels))
+  chex.assert_trees_all_equal_structs(*results)
+  chex.assert_trees_all_close(results[1], results[0], rtol=1e-6, atol=1e-7)
 
 
-def test_remat_cuts_the_compiled_training_memory():
-  """XLA's temporary buffer for the gradient on this (CPU) backend: 149 against 104 MiB.
-
-  nn.remat made it larger here (XLA:CPU drops jax.checkpoint's barriers; pyramidnet_jax/remat.py).
-  """
-  x = jax.ShapeDtypeStruct((16, 32, 32, 3), jnp.float32)
-
-  def temp_bytes(remat):
-    return helpers.gradient_temp_bytes(
-        PyConvResNet(depth=18, num_classes=10, stem='cifar', remat=remat), x)
-
-  assert temp_bytes(remat=True) < 0.8 * temp_bytes(remat=False)
-
-
-def test_init_variables_has_model_inits_structure_and_laws():
-  model = PyConvHGResNet(depth=50, num_classes=10)
-  variables = models.init_variables(model, jax.random.key(0), (64, 64, 3))
-  expected = shapes(model)
-  assert jax.tree.structure(variables) == jax.tree.structure(expected)
-  got, want = flat(variables), flat(expected)
-  assert {k: (v.shape, v.dtype) for k, v in got.items()} == {
-      k: (v.shape, v.dtype) for k, v in want.items()}
-  params = variables['params']
-  for bn in (params['layer1_0']['downsample_bn'], params['layer1_0']['bn2'], params['bn1']):
-    np.testing.assert_array_equal(bn['scale'], 1.0)
-    np.testing.assert_array_equal(bn['bias'], 0.0)
-  np.testing.assert_array_equal(variables['batch_stats']['layer2_0']['downsample_bn']['var'], 1.0)
-  # He fan-out normal on a grouped level: std sqrt(2 / (k * k * out)).
-  kernel = np.asarray(params['layer3_0']['conv2']['conv2_2']['kernel'])  # (5, 5, 4, 256)
-  assert abs(kernel.std() / np.sqrt(2.0 / (5 * 5 * 256)) - 1) < 0.03
-  assert np.abs(np.asarray(params['fc']['kernel'])).max() <= 1 / np.sqrt(2048)
-
-
-def test_create_model_dispatches_on_the_name():
+def test_from_config_dispatches_on_the_name():
   config = helpers.tiny_config(**{'model.name': 'pyconvhgresnet', 'model.depth': 101,
                                   'model.stem': 'imagenet', 'model.dropout_rate': 0.2,
                                   'model.dtype': 'bfloat16'})
-  model = train.create_model(config.model, 1000)
+  model = models.from_config(config.model, 1000)
   assert type(model) is PyConvHGResNet
   assert (model.depth, model.num_classes, model.stem, model.dropout_rate, model.dtype) == (
       101, 1000, 'imagenet', 0.2, jnp.bfloat16)
   config.model.name = 'pyconvresnet'
   config.model.depth = 34
-  assert type(train.create_model(config.model, 10)) is PyConvResNet
+  assert type(models.from_config(config.model, 10)) is PyConvResNet
   config.model.name = 'pyramidnet'
   config.model.depth = 8
-  assert type(train.create_model(config.model, 10)) is models.PyramidNet
+  assert type(models.from_config(config.model, 10)) is models.PyramidNet
   config.model.name = 'resnet'
   with pytest.raises(ValueError, match="'pyramidnet', 'pyconvresnet', 'pyconvhgresnet'"):
-    train.create_model(config.model, 10)
+    models.from_config(config.model, 10)
   config.model.name = 'pyconvhgresnet'
   config.model.depth = 34
   with pytest.raises(ValueError, match='valid depths'):
-    train.create_model(config.model, 1).num_features  # pylint: disable=expression-not-assigned
+    models.from_config(config.model, 1).num_features  # pylint: disable=expression-not-assigned
 
 
 def test_one_training_step():
   config = helpers.tiny_config(**{'model.name': 'pyconvresnet', 'model.depth': 18,
                                   'model.stem': 'cifar', 'batch_size': 8, 'eval_batch_size': 8})
-  model = train.create_model(config.model, 10)
-  learning_rate_fn = train.create_learning_rate_fn(config, steps_per_epoch=1, total_steps=1)
-  tx = train.create_optimizer(config, learning_rate_fn)
-  runtime = train.create_runtime(config, learning_rate_fn)
-  state = train.create_train_state(config, model, (28, 28, 1), tx, runtime)
+  model = models.from_config(config.model, 10)
+  learning_rate_fn = optimizer.create_learning_rate_fn(config, steps_per_epoch=1, total_steps=1)
+  tx = optimizer.create_optimizer(config, learning_rate_fn)
+  runtime = runtime_lib.create_runtime(config, learning_rate_fn)
+  state = runtime_lib.create_train_state(config, model, (28, 28, 1), tx, runtime)
   rng = np.random.default_rng(0)
   batch = runtime.put_batch({'image': rng.standard_normal((8, 28, 28, 1), np.float32),
                              'label': rng.integers(0, 10, 8).astype(np.int32)})

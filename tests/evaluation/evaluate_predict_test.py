@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pyramidnet_jax import evaluate
-from pyramidnet_jax import input_pipeline
+from pyramidnet_jax import data
 from pyramidnet_jax import load
-from pyramidnet_jax import loading
-from pyramidnet_jax import predict
-from pyramidnet_jax import train
+from pyramidnet_jax.evaluation import classifier
+from pyramidnet_jax.evaluation import evaluator
+from pyramidnet_jax.interop import loading
+from pyramidnet_jax.training import loop
 from tests import helpers
 from tests.helpers import needs_fashion
 
@@ -28,14 +28,21 @@ NUM_TEST = 40
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
-  """One epoch of PyramidNet-8 on 96 real images, with a validation split (so best/ exists)."""
+  """One epoch of PyramidNet-8 on 96 real images, with a validation split (so best/ exists),
+  writing its report; then the same workdir evaluated as `python -m pyramidnet_jax.evaluate`
+  does, into another directory."""
   workdir = str(tmp_path_factory.mktemp('run'))
-  config = helpers.tiny_config(validation_fraction=0.25, eval_batch_size=16)
+  config = helpers.tiny_config(validation_fraction=0.25, eval_batch_size=16, write_report=True)
   with pytest.MonkeyPatch.context() as monkeypatch:
     helpers.serve_subset(monkeypatch, 96, NUM_TEST)
-    train.train_and_evaluate(config, workdir)
+    passes = []
+    real_split_logits = evaluator.split_logits
+    monkeypatch.setattr(evaluator, 'split_logits',
+                        lambda *args: passes.append(args[2]) or real_split_logits(*args))
+    loop.train_and_evaluate(config, workdir)
+    assert len(passes) == 1  # The report is written from the test pass's own logits.
     # evaluate reads the data again; it must see the same subset.
-    result = evaluate.evaluate_workdir(workdir)
+    result = evaluator.evaluate_workdir(workdir, out_dir=os.path.join(workdir, 'evaluated'))
   return workdir, result
 
 
@@ -62,21 +69,27 @@ def test_evaluation_report_agrees_with_the_training_results(workdir):
   workdir, result = workdir
   results = helpers.read_results(workdir)
   assert result['count'] == NUM_TEST
-  assert result['top1'] == pytest.approx(results['test_accuracy'], abs=1e-9)
-  assert result['top5'] == pytest.approx(results['test_top5_accuracy'], abs=1e-9)
-  assert result['loss'] == pytest.approx(results['test_loss'], rel=1e-5)
+  assert result['top1'] == results['test_accuracy']
+  assert result['top5'] == results['test_top5_accuracy']
+  assert result['loss'] == results['test_loss']
   matrix = np.asarray(result['confusion_matrix'])
   assert matrix.sum() == NUM_TEST
   assert np.trace(matrix) == round(result['top1'] * NUM_TEST)
   labels = helpers.fashion_subset(96, NUM_TEST).test.labels
   assert [c['support'] for c in result['per_class']] == np.bincount(labels, minlength=10).tolist()
-  report_dir = os.path.join(workdir, evaluate.REPORT_DIR)
-  for name in ('report.json', 'report.md', 'confusion_matrix.png', 'training_curves.png'):
-    assert os.path.getsize(os.path.join(report_dir, name)) > 0, name
-  with open(os.path.join(report_dir, 'report.json')) as f:
-    saved = json.load(f)
-  assert saved['step'] == result['step'] and saved['split'] == 'test'
-  assert 'Ankle boot' in open(os.path.join(report_dir, 'report.md')).read()
+  trained, evaluated = (os.path.join(workdir, evaluator.REPORT_DIR),
+                        os.path.join(workdir, 'evaluated'))
+  for report_dir in (trained, evaluated):
+    for name in ('report.json', 'report.md', 'confusion_matrix.png', 'training_curves.png'):
+      assert os.path.getsize(os.path.join(report_dir, name)) > 0, name
+    assert 'Ankle boot' in open(os.path.join(report_dir, 'report.md')).read()
+  with open(os.path.join(trained, 'report.json')) as f:
+    from_training = json.load(f)
+  with open(os.path.join(evaluated, 'report.json')) as f:
+    from_evaluate = json.load(f)
+  assert from_evaluate['step'] == result['step'] and from_evaluate['split'] == 'test'
+  # The training run's report and evaluate's are the same report of the same checkpoint.
+  assert from_training == from_evaluate
 
 
 def write_test_images(directory, count: int):
@@ -94,11 +107,11 @@ def test_predict_matches_the_model_on_the_dataset_pipeline(workdir, tmp_path):
   workdir, _ = workdir
   subset, paths = write_test_images(str(tmp_path / 'images'), 5)
   loaded = loading.load_info(workdir)
-  results, errors = predict.predict(loaded, [str(tmp_path / 'images')], top_k=3, batch_size=4)
+  results, errors = classifier.predict(loaded, [str(tmp_path / 'images')], top_k=3, batch_size=4)
   assert not errors
   assert [r['path'] for r in results] == paths
   dataset = helpers.fashion_subset(96, NUM_TEST)
-  images = input_pipeline.normalize(subset.test.images[:5], dataset.mean, dataset.std)
+  images = next(dataset.test.eval_batches(5))['image']
   expected = np.asarray(jax.nn.softmax(loaded.model.apply(loaded.variables, images)))
   for result, p in zip(results, expected):
     order = np.argsort(-p, kind='stable')[:3]
@@ -127,13 +140,10 @@ def test_predict_names_bad_files_and_classifies_the_rest(workdir, tmp_path):
   assert any('missing.jpg: no such file' in e for e in errors)
 
 
-def test_imagenet_transform_is_torchvision_resize_and_centre_crop():
-  transform = predict.Transform('imagenet2012', {'stem': 'imagenet'}, 3)
-  image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), np.uint8))
-  out = transform(image)
-  assert out.shape == (224, 224, 3) and out.dtype == np.float32
-  # Shorter side 300 -> 256 (longer 426), centre crop: the same as doing it by hand.
-  by_hand = np.asarray(image.resize((426, 256), Image.BILINEAR).crop((101, 16, 325, 240)),
-                       np.float32) / 255
-  mean, std = np.asarray(input_pipeline.IMAGENET_MEAN), np.asarray(input_pipeline.IMAGENET_STD)
-  np.testing.assert_allclose(out, (by_hand - mean) / std, rtol=1e-6, atol=1e-6)
+def test_predict_feeds_the_network_the_pixels_evaluation_feeds_it(workdir, tmp_path):
+  workdir, _ = workdir
+  subset, paths = write_test_images(str(tmp_path / 'images'), 3)
+  transform, channels = classifier.transform_of(loading.load_info(workdir))
+  fed_by_evaluation = next(subset.test.eval_batches(3))['image']
+  for path, expected in zip(paths, fed_by_evaluation):
+    np.testing.assert_array_equal(transform(data.read_image(path, channels)), expected)

@@ -1,4 +1,5 @@
-"""The weight converter against PyTorch networks written from the SPEC (tests/torch_reference.py).
+"""The weight converter against PyTorch networks written independently of ours
+(pyramidnet_jax/interop/torch_reference.py).
 
 Parity: a reference network with random weights and non-trivial BN statistics is saved as the
 authors' code saves it, converted, and its eval logits compared with ours. Round trip: our
@@ -17,12 +18,13 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from pyramidnet_jax import PyramidNet  # noqa: E402
-from pyramidnet_jax import convert  # noqa: E402
 from pyramidnet_jax import load  # noqa: E402
-from pyramidnet_jax import loading  # noqa: E402
 from pyramidnet_jax import models  # noqa: E402
+from pyramidnet_jax.interop import loading  # noqa: E402
+from pyramidnet_jax.interop import torch_reference as ref  # noqa: E402
+from pyramidnet_jax.interop import torch_weights as convert  # noqa: E402
+from pyramidnet_jax.xla_cpu import host_init  # noqa: E402
 from tests import helpers  # noqa: E402
-from pyramidnet_jax import torch_reference as ref  # noqa: E402
 
 PARITY_TOLERANCE = 1e-4
 
@@ -104,7 +106,7 @@ def test_a_bare_state_dict_without_module_prefix_converts(tmp_path):
 ])
 def test_flax_to_pytorch_to_flax_is_exact(kwargs, tmp_path):
   model = PyramidNet(**kwargs)
-  variables = models.init_variables(model, jax.random.key(3), (32, 32, 3))
+  variables = host_init.init_variables(model, jax.random.key(3), (32, 32, 3))
   # Non-trivial statistics, so a swapped mean/var or scale/bias would show.
   variables['batch_stats'] = jax.tree.map(
       lambda x: x + np.random.default_rng(x.size).uniform(0.1, 1.0, x.shape).astype(np.float32),
@@ -232,7 +234,7 @@ def test_converted_pyconv_gives_the_reference_logits(family, depth, tmp_path):
 def test_pyconv_flax_to_pytorch_to_flax_is_exact(family, stem, tmp_path):
   import pyramidnet_jax  # pylint: disable=g-import-not-at-top
   model = getattr(pyramidnet_jax, family)(depth=18, num_classes=4, stem=stem)
-  variables = models.init_variables(model, jax.random.key(5), (32, 32, 3))
+  variables = host_init.init_variables(model, jax.random.key(5), (32, 32, 3))
   path = str(tmp_path / 'ours.pth')
   convert.write_torch_state_dict(convert.to_torch(model, variables), path)
   if stem == 'imagenet':  # The authors' layout: their network loads it strictly.
