@@ -31,6 +31,8 @@ def main(argv: list[str]) -> None:
                                         FLAGS.batch_size or None, FLAGS.out or None)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f'error: {e}')
+  if not result['files']:
+    return  # Not process 0: the report is process 0's to write and print.
   print(f'{FLAGS.split} top-1 {result["top1"]:.4f}  top-{result["top_k"]} {result["top5"]:.4f}  '
         f'loss {result["loss"]:.4f}  ({result["count"]} images, checkpoint step {result["step"]})')
   print(f'report: {result["files"]["markdown"]}')

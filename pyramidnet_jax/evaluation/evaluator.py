@@ -80,8 +80,10 @@ def evaluate_workdir(workdir: str, which: str = 'best', split_name: str = 'test'
   if batch_size % devices:
     batch_size += devices - batch_size % devices  # Keep every device equally fed.
   runtime = runtime_lib.create_runtime(config, eval_batch_size=batch_size)
-  state = jax.device_put(
-      step.InferenceState(apply_fn=loaded.model.apply, **loaded.variables), runtime.replicated)
+  # From host memory: every process holds the same variables, placed on all devices.
+  state = jax.device_put(step.InferenceState(apply_fn=loaded.model.apply,
+                                             **jax.device_get(loaded.variables)),
+                         runtime.replicated)
   logits, labels = split_logits(runtime, state, split, batch_size)
   metrics = report.classification_metrics(logits, labels, class_names_or_numbers(dataset))
   extra = {'workdir': os.path.abspath(workdir), 'checkpoint': loaded.path, 'step': loaded.step,
