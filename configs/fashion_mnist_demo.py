@@ -2,9 +2,9 @@
 
   python -m pyramidnet_jax.main --config=configs/fashion_mnist_demo.py --workdir=runs/demo
 
-Hardware: a 2-core CPU. Expected: about 90.7-91% test accuracy in 1.5 to 2 minutes (measured
-2026-12-04 on the 2-core CI machine: 90.69%, 87-105 s, 3 epochs of 60,000 images; with XLA's
-convolutions, --config.cpu_conv=xla, on the slower 2026-11-22 host: 90.86%, 469 s).
+Hardware: a 2-core CPU. Expected: about 90.7-90.8% test accuracy (the last digits depend on the
+CPU) after 3 epochs of 60,000 images, in about 80 s (2026-12-04, 2-core AMD EPYC VM, from a fresh
+clone: 90.83%, 79 s; docs/benchmarks.md#fashion-mnist-demo).
 This recipe is ours, not the paper's, tuned for that time budget: depth 8 (one basic block per
 stage) with alpha 24 gives widths 24, 32, 40 (52k parameters); in 3 epochs the net underfits, so
 augmentation and label smoothing are off and weight decay is light; batch 64 gives twice the
