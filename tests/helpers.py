@@ -180,3 +180,18 @@ def gradient_temp_bytes(model, x: jax.ShapeDtypeStruct) -> int:
     return logits.sum()
   compiled = jit(jax.grad(loss)).lower(variables['params'], variables['batch_stats'], x).compile()
   return compiled.memory_analysis().temp_size_in_bytes
+
+
+def primitive_names(closed_jaxpr) -> set[str]:
+  """Every primitive of a jaxpr (jax.make_jaxpr's), nested jaxprs included."""
+  import jax.extend  # pylint: disable=g-import-not-at-top
+  names = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      names.add(eqn.primitive.name)
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(closed_jaxpr.jaxpr)
+  return names

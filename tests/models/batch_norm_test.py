@@ -8,29 +8,16 @@ import types
 import chex
 import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 import pytest
 from jax import lax
 
 from pyramidnet_jax import levers
+from pyramidnet_jax import xla_cpu
 from pyramidnet_jax.models import batch_norm as bn
+from tests import helpers
 
 EPSILON, MOMENTUM = 1e-5, 0.9
-
-
-def primitive_names(fn, *args) -> set[str]:
-  """Every primitive in fn's jaxpr, nested jaxprs included."""
-  names = set()
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      names.add(eqn.primitive.name)
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-
-  walk(jax.make_jaxpr(fn)(*args).jaxpr)
-  return names
 
 
 def inputs():
@@ -62,17 +49,18 @@ def test_plain_training_gradient_is_autodiff_of_nn_batch_norms_formula(use_stati
     return total + (jnp.sum(mean * var) if use_statistics else 0.0)
 
   with levers.using(levers.PLAIN):
-    assert 'custom_vjp_call' not in primitive_names(ours, x, params)
+    assert 'custom_vjp_call' not in helpers.primitive_names(jax.make_jaxpr(ours)(x, params))
     got = ours(x, params), jax.grad(loss, (1, 2))(ours, x, params)
   want = formula(x, params), jax.grad(loss, (1, 2))(formula, x, params)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('chosen', [levers.PLAIN, xla_cpu.LEVERS], ids=lambda lv: lv.name)
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('train', [True, False])
-def test_batch_norm_module_is_nn_batch_norm(train, dtype):
-  """bn.BatchNorm (PyConv's BatchNorm) under the plain levers: nn.BatchNorm's variables, outputs,
-  running averages and gradients."""
+def test_batch_norm_module_is_nn_batch_norm(train, dtype, chosen):
+  """bn.BatchNorm (PyConv's BatchNorm) under either lever set: nn.BatchNorm's variables, outputs
+  and running averages bit for bit, and its gradients (the kit's textbook one to rounding)."""
   x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 5, 6, 7))
   kwargs = dict(use_running_average=not train, momentum=MOMENTUM, epsilon=EPSILON, dtype=dtype)
   module, reference = bn.BatchNorm(**kwargs), nn.BatchNorm(**kwargs)
@@ -86,7 +74,7 @@ def test_batch_norm_module_is_nn_batch_norm(train, dtype):
     y, stats = module.apply({**variables, 'params': params}, x, mutable=['batch_stats'])
     return jnp.sum(jnp.tanh(y.astype(jnp.float32)) * weights), (y, stats)
 
-  with levers.using(levers.PLAIN):
+  with levers.using(chosen):
     (_, (y, stats)), grads = jax.value_and_grad(loss, (1, 2), has_aux=True)(
         module, variables['params'], x)
   (_, (y_ref, stats_ref)), grads_ref = jax.value_and_grad(loss, (1, 2), has_aux=True)(

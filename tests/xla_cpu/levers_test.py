@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import pytest
 
@@ -65,20 +64,6 @@ def test_the_tests_run_under_the_kit_and_using_restores_the_levers():
   assert levers.current() is xla_cpu.LEVERS
 
 
-def primitive_names(closed_jaxpr) -> set[str]:
-  """Every primitive of a jaxpr, nested jaxprs included."""
-  names = set()
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      names.add(eqn.primitive.name)
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
-
-  walk(closed_jaxpr.jaxpr)
-  return names
-
-
 def traces(model, x):
   """(primitives of the training forward, primitives and lowered text of the gradient)."""
   variables = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype),
@@ -91,8 +76,8 @@ def traces(model, x):
 
   # Fresh functions per call: each set of levers traces its own.
   grad = jax.grad(lambda p: forward(p))
-  return (primitive_names(jax.make_jaxpr(lambda p: forward(p))(variables['params'])),
-          primitive_names(jax.make_jaxpr(grad)(variables['params'])),
+  return (helpers.primitive_names(jax.make_jaxpr(lambda p: forward(p))(variables['params'])),
+          helpers.primitive_names(jax.make_jaxpr(grad)(variables['params'])),
           jax.jit(grad).lower(variables['params']).as_text())
 
 
