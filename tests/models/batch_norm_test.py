@@ -38,9 +38,12 @@ def ours(x, params):
   return bn.batch_norm(x, params, None, True, EPSILON, jnp.float32)
 
 
+@pytest.mark.parametrize('chosen', [levers.PLAIN, xla_cpu.LEVERS], ids=lambda lv: lv.name)
 @pytest.mark.parametrize('use_statistics', [False, True])
-def test_plain_training_gradient_is_autodiff_of_nn_batch_norms_formula(use_statistics):
-  """use_statistics also differentiates through the batch mean and variance."""
+def test_training_gradient_equals_autodiff_of_nn_batch_norms_formula(use_statistics, chosen):
+  """Plain: autodiff itself (no custom_vjp); the kit: its textbook gradient, to rounding.
+  use_statistics also differentiates through the batch mean and variance (their cotangents are
+  then not symbolic zeros)."""
   x, params, weights = inputs()
 
   def loss(norm, x, params):
@@ -48,9 +51,12 @@ def test_plain_training_gradient_is_autodiff_of_nn_batch_norms_formula(use_stati
     total = jnp.sum(jnp.tanh(y) * weights)
     return total + (jnp.sum(mean * var) if use_statistics else 0.0)
 
-  with levers.using(levers.PLAIN):
-    assert 'custom_vjp_call' not in helpers.primitive_names(jax.make_jaxpr(ours)(x, params))
+  with levers.using(chosen):
+    # A fresh function: jax caches a trace per Python function, across lever switches.
+    jaxpr = jax.make_jaxpr(lambda x, params: ours(x, params))(x, params)
+    custom = 'custom_vjp_call' in helpers.primitive_names(jaxpr)
     got = ours(x, params), jax.grad(loss, (1, 2))(ours, x, params)
+  assert custom == (chosen is xla_cpu.LEVERS)
   want = formula(x, params), jax.grad(loss, (1, 2))(formula, x, params)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
