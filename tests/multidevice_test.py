@@ -1,8 +1,8 @@
 """Data parallelism: 8 (fake CPU) devices train exactly like 1 device on the same global batch.
 
 The device count is fixed when JAX starts its CPU backend, so the comparison runs in a fresh
-Python process with XLA_FLAGS=--xla_force_host_platform_device_count=8: this file, run as a script,
-is that worker. It trains the same initial state on the same batches with a one-device and an
+Python process with 8 fake CPU devices (chex.set_n_cpu_devices): this file, run as a script, is
+that worker. It trains the same initial state on the same batches with a one-device and an
 eight-device runtime and writes both results to an .npz file, which the test compares. It then
 starts the eight-device run again from the persistent cache, as a new process would (in-memory
 caches cleared), and its step must load the entry while it traces and train bit for bit the same.
@@ -37,7 +37,9 @@ def _dataset():
 
 
 def worker(out_path: str, cache_dir: str) -> None:
+  import chex  # pylint: disable=g-import-not-at-top
   from pyramidnet_jax import cli  # pylint: disable=g-import-not-at-top
+  chex.set_n_cpu_devices(NUM_DEVICES)  # Before JAX's CPU backend starts.
   # 16 images split over 8 devices: 2 per device, so the BatchNorm statistics of one device's
   # shard would differ clearly from the global batch's.
   config = helpers.tiny_config(batch_size=16, eval_batch_size=32, learning_rate=0.1,
@@ -95,8 +97,6 @@ def worker(out_path: str, cache_dir: str) -> None:
 def test_eight_devices_match_one_device(tmp_path):
   out_path = str(tmp_path / 'results.npz')
   env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +
-                      f' --xla_force_host_platform_device_count={NUM_DEVICES}').strip()
   process = subprocess.run([sys.executable, os.path.abspath(__file__), out_path,
                             str(tmp_path / 'xla_cache')],
                            cwd=helpers.ROOT, env=env, capture_output=True, text=True, timeout=540)
