@@ -2,6 +2,9 @@
 
 Experiment configs import this and change only what differs. Every field here is read by the
 training code; `--config.<field>=value` overrides any of them and an unknown field is an error.
+Each field's type and range is checked at start (pyramidnet_jax/training/config_checks.py). A
+resume must keep the training fields of the workdir's config.json; the bookkeeping ones, data_dir
+and eval_batch_size may change (pyramidnet_jax/training/workdir.py).
 """
 
 import ml_collections
@@ -50,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
   # by the next readable file of the shard; evaluation: masked out; counted per epoch), or is an
   # 'error' that stops the run.
   config.bad_images = 'skip'
+  # folder: only. An image file of more pixels (read from its header) counts as unreadable, so
+  # that a corrupt or hostile header cannot exhaust memory; PIL's own limit by default.
+  config.max_image_pixels = 178_956_970
 
   # Optimisation: SGD, Nesterov, coupled L2 weight decay on all parameters.
   config.batch_size = 128  # Global, across all devices and hosts.

@@ -13,7 +13,15 @@ the next readable file in this process's shard (in file order, wrapping around):
 the files alone, not of timing or threads, so an epoch is still a pure function of (seed, epoch)
 and a resumed run sees the same batches. In evaluation it is masked out like padding, so it
 counts in no metric (and no other example is counted twice). A shard without any readable file
-is an error in both modes.
+is an error in both modes, and so is a class (or a whole split) none of whose files is readable,
+in any process's shard: it is found when an epoch first meets one of its unreadable files (the
+class's files are then tried in order until one reads), and named with what to fix, instead of
+a run that trains without the class or evaluates nothing. A file larger than max_image_pixels
+(width x height, from its header) is unreadable too, under the same policy.
+
+Listing follows symbolic links only to files and folders inside their class folder that are not
+listed already (images.list_image_files): a loop, a second name, or a link out of the class
+folder is skipped, and the skipped links are counted and named in a WARNING.
 """
 
 from __future__ import annotations
@@ -30,8 +38,10 @@ from pyramidnet_jax.data import source
 from pyramidnet_jax.data import streaming
 from pyramidnet_jax.data import transforms
 from pyramidnet_jax.data.arrays import stratified_hold_out
+from pyramidnet_jax.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from pyramidnet_jax.data.images import IMAGE_EXTENSIONS
 from pyramidnet_jax.data.images import UnreadableImageError
+from pyramidnet_jax.data.images import list_image_files
 from pyramidnet_jax.data.images import read_image
 from pyramidnet_jax.data.transforms import Preprocessing
 
@@ -51,7 +61,7 @@ class FolderSplit(streaming.StreamedSplit):
   differ in size by at most 1, and each holds every class in its proportion. `len()` counts all
   files, over all processes. `image_shape` is the shape of the batches' images (RGB crops of
   preprocessing.image_size). `bad_images` ('skip' | 'error') says what an unreadable file does
-  (see the module docstring).
+  (see the module docstring), and max_image_pixels which files are too large to read.
   """
   name: str  # The dataset's name, 'folder:ROOT', for messages.
   directory: str  # ROOT/train or ROOT/val, for messages.
@@ -60,6 +70,7 @@ class FolderSplit(streaming.StreamedSplit):
   _: dataclasses.KW_ONLY
   preprocessing: Preprocessing
   bad_images: str = 'skip'
+  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
   process_index: int = 0
   process_count: int = 1
 
@@ -152,7 +163,7 @@ class FolderSplit(streaming.StreamedSplit):
                                          self.image_shape, p.padding_pixel)
 
 
-_OK, _UNREADABLE, _NONE_READABLE = 0, 1, 2
+_OK, _UNREADABLE, _NONE_READABLE, _CLASS_UNREADABLE, _SPLIT_UNREADABLE = range(5)
 _PLACEHOLDER_IMAGE = np.zeros((1, 1, 3), np.uint8)  # Stands for an unreadable file's pixels.
 
 
@@ -161,7 +172,9 @@ class _FolderReader:
 
   Returns (uint8 (H, W, 3) image, int32 label, int32 status, path, reason): status _OK, or
   _UNREADABLE with the unreadable file's path and PIL's reason (the image then is the next
-  readable file's, with its label, when `replace`; else a 1x1 placeholder), or _NONE_READABLE.
+  readable file's, with its label, when `replace`; else a 1x1 placeholder), or _NONE_READABLE
+  (nothing in the shard reads), or _CLASS_UNREADABLE / _SPLIT_UNREADABLE when no file of the
+  unreadable file's class / of the split reads (with that class's label and its first file).
   """
 
   def __init__(self, split: FolderSplit, replace: bool):
@@ -169,20 +182,57 @@ class _FolderReader:
     self.labels = split.labels
     self.shard = split.shard_indices()
     self.replace = replace and split.bad_images == 'skip'
+    self.max_pixels = split.max_image_pixels
+    self._class_checks: dict[int, tuple[bool, bytes, bytes]] = {}
+    self._lock = threading.Lock()  # tf.data calls the reader from several threads.
+
+  def _read(self, i: int) -> np.ndarray:
+    return read_image(self.paths[i], max_pixels=self.max_pixels)
+
+  def _class_check(self, label: int) -> tuple[bool, bytes, bytes]:
+    """(whether a file of class `label` reads, its first file's path and reason if none does),
+    over the whole split: files are tried in order until one reads, once per epoch."""
+    with self._lock:  # Holding it spares other threads the same reads.
+      if label not in self._class_checks:
+        first = None
+        for i in np.flatnonzero(self.labels == label):
+          try:
+            self._read(int(i))
+            self._class_checks[label] = (True, b'', b'')
+            break
+          except UnreadableImageError as e:
+            first = first or (e.path.encode(), e.reason.encode())
+        else:
+          self._class_checks[label] = (False, *first)
+      return self._class_checks[label]
+
+  def _whole_class_or_split(self, label: int) -> tuple[Any, ...] | None:
+    """The status tuple when no file of class `label` reads, else None."""
+    readable, path, reason = self._class_check(label)
+    if readable:
+      return None
+    classes = np.unique(self.labels)
+    if not any(self._class_check(int(c))[0] for c in classes):
+      _, path, reason = self._class_check(int(classes[0]))
+      return _PLACEHOLDER_IMAGE, np.int32(classes[0]), np.int32(_SPLIT_UNREADABLE), path, reason
+    return _PLACEHOLDER_IMAGE, np.int32(label), np.int32(_CLASS_UNREADABLE), path, reason
 
   def __call__(self, position: Any) -> tuple[Any, ...]:
     k = int(position)
     i = int(self.shard[k])
     try:
-      return read_image(self.paths[i]), self.labels[i], np.int32(_OK), b'', b''
+      return self._read(i), self.labels[i], np.int32(_OK), b'', b''
     except UnreadableImageError as e:
       path, reason = e.path.encode(), e.reason.encode()
+    whole = self._whole_class_or_split(int(self.labels[i]))
+    if whole is not None:
+      return whole
     if not self.replace:
       return _PLACEHOLDER_IMAGE, self.labels[i], np.int32(_UNREADABLE), path, reason
     for step in range(1, len(self.shard)):
       j = int(self.shard[(k + step) % len(self.shard)])
       try:
-        return read_image(self.paths[j]), self.labels[j], np.int32(_UNREADABLE), path, reason
+        return self._read(j), self.labels[j], np.int32(_UNREADABLE), path, reason
       except UnreadableImageError:
         continue
     return _PLACEHOLDER_IMAGE, self.labels[i], np.int32(_NONE_READABLE), path, reason
@@ -218,6 +268,9 @@ def _checked_batches(dataset: Any, split: FolderSplit, what: str,
       paths, reasons = batch.pop('path'), batch.pop('reason')
       for b in np.flatnonzero(status != _OK):
         path, reason = paths[b].decode(errors='replace'), reasons[b].decode(errors='replace')
+        if status[b] in (_CLASS_UNREADABLE, _SPLIT_UNREADABLE):
+          raise _unreadable_class_or_split(split, status[b], batch['label'][b], path, reason,
+                                           evaluation)
         if status[b] == _NONE_READABLE:
           raise ValueError(f'No file of {split.directory} in process {split.process_index}\'s '
                            f'shard is a readable image (the first: {path}: {reason}).')
@@ -242,17 +295,35 @@ def _checked_batches(dataset: Any, split: FolderSplit, what: str,
                       what, split.directory, split.process_index, len(skipped), action, shown)
 
 
+def _unreadable_class_or_split(split: FolderSplit, status: int, label: int, path: str,
+                               reason: str, evaluation: bool) -> ValueError:
+  if status == _SPLIT_UNREADABLE:
+    return ValueError(f'None of the {len(split)} image files of {split.directory} is readable '
+                      f'(the first: {path}: {reason}). Fix or replace them, or point '
+                      f'--config.dataset at the right folder ({LAYOUT}).')
+  name = os.path.relpath(path, split.directory).split(os.sep)[0]
+  count = int(np.sum(split.labels == label))
+  fix = ('delete them (a class folder of val/ may be empty)'
+         if os.path.basename(split.directory) == 'val' else
+         f'remove the folder {name} from both train/ and val/ to train without the class')
+  return ValueError(f'Every one of the {count} image files of class {name!r} in '
+                    f'{split.directory} is unreadable (the first: {path}: {reason}), so '
+                    f'{"evaluation" if evaluation else "training"} would go on without the '
+                    f'class. Fix or replace them, or {fix}.')
+
+
 def load(spec: str, validation_fraction: float, validation_seed: int, process_index: int,
-         process_count: int, image_size: int, bad_images: str) -> source.Dataset:
+         process_count: int, image_size: int, bad_images: str,
+         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> source.Dataset:
   """`folder:ROOT`: the user's images in ROOT/train/<class>/ and ROOT/val/<class>/.
 
   Classes are the sorted subfolder names of ROOT/train (ROOT/val must have the same); files are
   found recursively below each class folder and kept if their extension is an image format's
-  (IMAGE_EXTENSIONS), sorted by path. Nothing is decoded or written here: listing a large folder
-  costs one directory walk. Test split: ROOT/val. config.validation_fraction holds out a
-  stratified random part of ROOT/train (seeded by validation_seed), as for in-memory datasets.
-  Transforms: ImageNet's, at `image_size` (random-resized crop + flip; eval resize + centre
-  crop), with ImageNet's mean and std.
+  (IMAGE_EXTENSIONS), sorted by path, each once (images.list_image_files). Nothing is decoded or
+  written here: listing a large folder costs one directory walk. Test split: ROOT/val.
+  config.validation_fraction holds out a stratified random part of ROOT/train (seeded by
+  validation_seed), as for in-memory datasets. Transforms: ImageNet's, at `image_size`
+  (random-resized crop + flip; eval resize + centre crop), with ImageNet's mean and std.
   """
   root = os.path.expanduser(spec[len(PREFIX):])
   if not root:
@@ -276,7 +347,8 @@ def load(spec: str, validation_fraction: float, validation_seed: int, process_in
         f'only in train/: {only_train or "none"}; only in val/: {only_val or "none"}. Both must '
         'hold the same class folders (an empty one is allowed in val/).')
   class_names = classes['train']
-  listed = {split: _list_images(directory, class_names)
+  seen = (set(), set())  # No file is listed twice: not in two classes, nor in train and val.
+  listed = {split: _list_images(directory, class_names, seen)
             for split, directory in directories.items()}
   paths, labels = listed['train']
   empty = [c for i, c in enumerate(class_names) if not np.any(labels == i)]
@@ -289,7 +361,8 @@ def load(spec: str, validation_fraction: float, validation_seed: int, process_in
 
   def make(directory, paths, labels):
     return FolderSplit(spec, directory, paths, labels, preprocessing=preprocessing,
-                       bad_images=bad_images, process_index=process_index,
+                       bad_images=bad_images, max_image_pixels=max_image_pixels,
+                       process_index=process_index,
                        process_count=process_count)
   validation = None
   if validation_fraction > 0.0:
@@ -311,28 +384,27 @@ def _class_folders(directory: str) -> tuple[str, ...]:
                         if e.is_dir() and not e.name.startswith('.')))
 
 
-def _list_images(directory: str, class_names: Sequence[str]) -> tuple[tuple[str, ...], np.ndarray]:
+def _list_images(directory: str, class_names: Sequence[str],
+                 seen: tuple[set[str], set[str]]) -> tuple[tuple[str, ...], np.ndarray]:
   """(paths, int32 labels) of the image files below directory/<class>/, class by class, sorted."""
-  paths, labels, ignored = [], [], []
+  paths, labels, ignored, skipped = [], [], [], []
   for label, name in enumerate(class_names):
     class_dir = os.path.join(directory, name)
     if not os.path.isdir(class_dir):  # Only possible in val/ (an absent folder = no images).
       continue
-    found = []
-    for parent, subdirs, files in os.walk(class_dir, followlinks=True):
-      subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
-      for file in files:
-        if file.startswith('.'):
-          continue
-        path = os.path.join(parent, file)
-        if file.lower().endswith(IMAGE_EXTENSIONS):
-          found.append(path)
-        else:
-          ignored.append(path)
-    found.sort()
+    found, others, skipped_here = list_image_files(class_dir, seen)
     paths += found
     labels += [label] * len(found)
+    ignored += others
+    skipped += skipped_here
   if ignored:
     logging.warning('Ignored %d file(s) in %s whose extension is not an image format\'s, e.g. %s.',
                     len(ignored), directory, ', '.join(sorted(ignored)[:3]))
+  if skipped:
+    logging.warning(
+        'Skipped %d symbolic link(s) or folder(s) in %s that would list a file twice or lead out '
+        'of their class folder (a dataset lists each file once, from inside its class folder: '
+        'copy a file there to list it): %s%s.',
+        len(skipped), directory, '; '.join(f'{path} ({why})' for path, why in skipped[:5]),
+        '; ...' if len(skipped) > 5 else '')
   return tuple(paths), np.asarray(labels, np.int32)

@@ -10,6 +10,7 @@ import numpy as np
 
 from pyramidnet_jax.data import fashion_mnist
 from pyramidnet_jax.data import folder
+from pyramidnet_jax.data import images
 from pyramidnet_jax.data import tfds_sources
 from pyramidnet_jax.data import transforms
 from pyramidnet_jax.data.arrays import split_validation
@@ -25,8 +26,9 @@ def load_dataset(config: Any, process_index: int = 0, process_count: int = 1) ->
   """The dataset named by `config.dataset`, with the configured validation hold-out.
 
   Reads config.dataset, data_dir, validation_fraction, validation_seed and augment, and for the
-  streamed datasets image_size, color_jitter, pca_lighting and (folders) bad_images; a config
-  without the last four gets their defaults. Never downloads: a dataset that is not on disk
+  streamed datasets image_size, color_jitter, pca_lighting and (folders) bad_images and
+  max_image_pixels (larger files count as unreadable); a config without these gets their
+  defaults. Never downloads: a dataset that is not on disk
   raises an error that says how to provide it. CIFAR and Fashion-MNIST are loaded into memory
   (every process holds all of it and keeps its slice of each batch); imagenet2012 and
   `folder:ROOT` are streamed, each process reading only its shard. Every split yields process
@@ -41,8 +43,11 @@ def load_dataset(config: Any, process_index: int = 0, process_count: int = 1) ->
   color_jitter = float(getattr(config, 'color_jitter', 0.0))
   pca_lighting = float(getattr(config, 'pca_lighting', 0.0))
   bad_images = str(getattr(config, 'bad_images', 'skip'))
+  max_image_pixels = int(getattr(config, 'max_image_pixels', images.DEFAULT_MAX_IMAGE_PIXELS))
   if image_size < 1:
     raise ValueError(f'image_size must be positive, got {image_size}.')
+  if max_image_pixels < 1:
+    raise ValueError(f'max_image_pixels must be positive, got {max_image_pixels}.')
   if bad_images not in folder.BAD_IMAGE_POLICIES:
     raise ValueError(f'bad_images must be one of {folder.BAD_IMAGE_POLICIES}, got '
                      f'{bad_images!r}.')
@@ -62,7 +67,7 @@ def load_dataset(config: Any, process_index: int = 0, process_count: int = 1) ->
                                          process_count, image_size)
   elif name.startswith(FOLDER_PREFIX):
     dataset = folder.load(name, fraction, int(config.validation_seed), process_index,
-                          process_count, image_size, bad_images)
+                          process_count, image_size, bad_images, max_image_pixels)
   else:
     raise ValueError(f'Unknown dataset {name!r}: expected one of {DATASETS}.')
 

@@ -32,7 +32,8 @@ IMAGENET_RESIZE_RATIO = IMAGENET_RESIZE_SIZE / IMAGENET_IMAGE_SIZE
 # The Torch recipe's colour augmentation (fb.resnet.torch datasets/imagenet.lua and transforms.lua,
 # docs/architecture.md#training-recipes): ColorJitter (brightness, contrast, saturation 0.4, in a
 # random order), then Lighting (AlexNet PCA noise, alphastd 0.1) with these eigenvalues and
-# eigenvectors (columns) of the RGB covariance in [0, 1] units. Greyscale weights are Torch's (ITU-R 601).
+# eigenvectors (columns) of the RGB covariance in [0, 1] units. Greyscale weights are Torch's (ITU-R
+# 601).
 TORCH_COLOR_JITTER = 0.4
 TORCH_PCA_LIGHTING = 0.1
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from pyramidnet_jax import data
+from pyramidnet_jax.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from pyramidnet_jax.interop import loading
 
 IMAGENET_IMAGE_SIZE = 224
@@ -35,32 +36,43 @@ def find_images(paths: Sequence[str]) -> Iterator[str]:
 
 
 def transform_of(loaded: loading.Loaded) -> Any:
-  """The eval transform of the data `loaded` was trained on (uint8 image -> network input)."""
+  """(The eval transform of the data `loaded` was trained on (uint8 image -> network input),
+  channels). A network that records no dataset (converted from a .pth file without its
+  sidecar) gets ImageNet's transform if its stem is ImageNet's, which is the authors' for such
+  networks; a small-image network's data (Fashion-MNIST, CIFAR, a folder) cannot be told from
+  its weights, and guessing one would feed it other pixels, so that is an error."""
   channels = int(jax.tree.leaves(loaded.variables['params']['conv1'])[0].shape[2])
   dataset = loaded.dataset
-  if dataset is None:  # A converted network records no data: the transform of its stem's.
-    dataset = 'imagenet2012' if loaded.model_config['stem'] == 'imagenet' else 'cifar10'
-  image_size = IMAGENET_IMAGE_SIZE
-  if loaded.config is not None:
-    image_size = loaded.config.get('image_size', IMAGENET_IMAGE_SIZE)
+  if dataset is None:
+    if loaded.model_config['stem'] != 'imagenet':
+      raise ValueError(
+          f'{loaded.path} records no dataset, and the eval transform and class names of a '
+          f'small-image network depend on it: pass --dataset=fashion_mnist, cifar10, cifar100 or '
+          f'{data.FOLDER_PREFIX}ROOT (or convert the .pth file again with --dataset).')
+    dataset = 'imagenet2012'
+  image_size = loaded.image_size or IMAGENET_IMAGE_SIZE
   return data.eval_transform(dataset, image_size, channels), channels
 
 
-def _read(path: str, transform: Any, channels: int) -> np.ndarray:
+def _read(path: str, transform: Any, channels: int, max_pixels: int) -> np.ndarray:
   """The network input of one file, or a ValueError naming the file and the problem."""
   if not os.path.exists(path):
     raise ValueError(f'{path}: no such file')
   if os.path.isdir(path):
     raise ValueError(f'{path}: is a directory')
   try:
-    return transform(data.read_image(path, channels))
+    return transform(data.read_image(path, channels, max_pixels))
   except data.UnreadableImageError as e:
     raise ValueError(f'{path}: unreadable image ({e.reason})') from None
 
 
-def predict(loaded: loading.Loaded, paths: Sequence[str], top_k: int = 5,
-            batch_size: int = 32) -> tuple[list[dict[str, Any]], list[str]]:
-  """([{'path', 'top': [(class, probability), ...]}], [error line, ...]) for the images."""
+def predict(loaded: loading.Loaded, paths: Sequence[str], top_k: int = 5, batch_size: int = 32,
+            max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+            ) -> tuple[list[dict[str, Any]], list[str]]:
+  """([{'path', 'top': [(class, probability), ...]}], [error line, ...]) for the images.
+
+  A file that cannot be read (or is larger than max_image_pixels, width x height) is an error
+  line naming it; every other image is still classified."""
   transform, channels = transform_of(loaded)
   names = loaded.class_names or tuple(str(i) for i in range(loaded.num_classes))
   forward = jax.jit(lambda v, x: jax.nn.softmax(loaded.model.apply(v, x, train=False)))
@@ -83,7 +95,7 @@ def predict(loaded: loading.Loaded, paths: Sequence[str], top_k: int = 5,
 
   for path in paths:
     try:
-      batch_images.append(_read(path, transform, channels))
+      batch_images.append(_read(path, transform, channels, max_image_pixels))
     except ValueError as e:
       errors.append(str(e))
       continue

@@ -42,6 +42,8 @@ class Loaded:
   step: int | None  # Training step of the checkpoint (None for a converted model).
   config: Any  # The full training config (ConfigDict) of a workdir, else None.
   path: str  # The checkpoint or model directory actually read.
+  # config.image_size (imagenet2012 and folder:ROOT crops); None when not recorded (224).
+  image_size: int | None = None
 
 
 def load(path: str, which: str = 'best') -> tuple[Any, dict[str, Any]]:
@@ -98,7 +100,7 @@ def _load_workdir(workdir: str, which: str) -> Loaded:
   return Loaded(model=build_model(model_config, num_classes), variables=variables,
                 model_config=model_config, num_classes=num_classes, dataset=config.dataset,
                 class_names=class_names, step=step,
-                config=config, path=chosen)
+                config=config, path=chosen, image_size=config.get('image_size'))
 
 
 def _load_model_directory(directory: str) -> Loaded:
@@ -111,7 +113,7 @@ def _load_model_directory(directory: str) -> Loaded:
   return Loaded(model=build_model(model_config, num_classes), variables=variables,
                 model_config=model_config, num_classes=num_classes, dataset=info.get('dataset'),
                 class_names=tuple(class_names) if class_names else None, step=None, config=None,
-                path=directory)
+                path=directory, image_size=info.get('image_size'))
 
 
 def _steps(directory: str) -> list[int]:
@@ -165,6 +167,78 @@ def class_names_of(dataset: str | None, num_classes: int,
   return tuple(names) if len(names) == num_classes else None
 
 
+# A .pth file holds tensors only; what predict needs besides goes into x.pth.json beside x.pth.
+SIDECAR_SUFFIX = '.json'
+
+
+def sidecar_path(path: str) -> str:
+  """Where the description of the state_dict file `path` is (or goes)."""
+  return path + SIDECAR_SUFFIX
+
+
+def write_sidecar(path: str, loaded: Loaded) -> None:
+  """Describes the state_dict file `path` of `loaded`: model config, num_classes, dataset, class
+  names and image size."""
+  info = {'model': loaded.model_config, 'num_classes': loaded.num_classes,
+          'dataset': loaded.dataset,
+          'class_names': list(loaded.class_names) if loaded.class_names else None,
+          'image_size': loaded.image_size,
+          'source': f'converted from {os.path.abspath(loaded.path)}'}
+  with open(sidecar_path(path), 'w') as f:
+    json.dump(info, f, indent=2)
+
+
+def read_sidecar(path: str, num_classes: int) -> dict[str, Any] | None:
+  """The sidecar of the state_dict file `path` (write_sidecar), None when there is none. A
+  damaged one, or one of a network with another number of classes, is a ValueError."""
+  sidecar = sidecar_path(path)
+  if not os.path.isfile(sidecar):
+    return None
+  try:
+    with open(sidecar) as f:
+      info = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{sidecar}, the description of {path}, cannot be read ({e}): fix or '
+                     'delete it.') from e
+  if (not isinstance(info, dict) or not isinstance(info.get('model'), dict) or
+      not isinstance(info.get('num_classes'), int)):
+    raise ValueError(f'{sidecar} is not the description convert writes beside a .pth file (no '
+                     'model or num_classes): delete or move it.')
+  if info['num_classes'] != num_classes:
+    raise ValueError(f'{sidecar} describes a network of {info["num_classes"]} classes, but '
+                     f'{path} holds one of {num_classes}: it belongs to another file. Delete '
+                     'or move it to convert on the shapes alone.')
+  names = info.get('class_names')
+  if names is not None and (not isinstance(names, list) or len(names) != num_classes):
+    raise ValueError(f'{sidecar} does not name {num_classes} classes, as {path} has: fix it, or '
+                     'delete it and pass --dataset and --class_names.')
+  return info
+
+
+def data_of(recorded: dict[str, Any] | None, dataset: str | None, class_names_file: str | None,
+            num_classes: int, stem: str) -> tuple[str | None, tuple[str, ...] | None, int | None]:
+  """(dataset, class names, image size) of a converted network: `dataset` and the names in
+  `class_names_file` when given, else the sidecar's (`recorded`); without either, a 1000-class
+  ImageNet-stem network is ImageNet's, and any other records no dataset (predict then asks)."""
+  recorded = recorded or {}
+  if dataset is None:
+    dataset = recorded.get('dataset')
+  same_data = recorded.get('dataset') == dataset  # The sidecar's names and size apply.
+  if dataset is None and num_classes == 1000 and stem == 'imagenet':
+    dataset = 'imagenet2012'
+  if class_names_file:
+    with open(class_names_file) as f:
+      class_names = tuple(line.strip() for line in f if line.strip())
+    if len(class_names) != num_classes:
+      raise ValueError(f'{class_names_file} names {len(class_names)} classes; the network has '
+                       f'{num_classes}.')
+  elif same_data and recorded.get('class_names'):
+    class_names = tuple(recorded['class_names'])
+  else:
+    class_names = class_names_of(dataset, num_classes)
+  return dataset, class_names, recorded.get('image_size') if same_data else None
+
+
 def check_new_directory(path: str) -> None:
   """Refuses to write into a directory that already holds files (nothing is ever overwritten)."""
   if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
@@ -174,7 +248,8 @@ def check_new_directory(path: str) -> None:
 
 def save(directory: str, model_config: dict[str, Any], num_classes: int,
          variables: dict[str, Any], dataset: str | None = None, source: str = '',
-         class_names: tuple[str, ...] | None = None) -> dict[str, Any]:
+         class_names: tuple[str, ...] | None = None,
+         image_size: int | None = None) -> dict[str, Any]:
   """Writes a model directory: `variables/` (Orbax) and `model.json`; returns the JSON."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   check_new_directory(directory)
@@ -189,6 +264,7 @@ def save(directory: str, model_config: dict[str, Any], num_classes: int,
       'num_classes': int(num_classes),
       'dataset': dataset,
       'class_names': list(class_names) if class_names else None,
+      'image_size': int(image_size) if image_size else None,
       'source': source,
       'num_params': int(sum(np.size(x) for x in jax.tree.leaves(variables['params']))),
   }
