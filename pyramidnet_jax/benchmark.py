@@ -35,6 +35,7 @@ from pyramidnet_jax import cli
 from pyramidnet_jax.benchmarking import common
 from pyramidnet_jax.benchmarking import ours
 from pyramidnet_jax.benchmarking import pytorch
+from pyramidnet_jax.training import config_checks
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -242,15 +243,14 @@ def _versions(results) -> dict[str, str]:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    raise ValueError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form '
+                     '--name=value.')
   logging.set_verbosity(logging.WARNING)
   if FLAGS.worker:
     _worker(FLAGS.worker, FLAGS.worker_output)
     return
-  try:
-    report = benchmark()
-  except ValueError as e:
-    sys.exit(f'error: {e}')
+  config_checks.validate(FLAGS.config)
+  report = benchmark()
   where = [f'{name} on {device}' for name, device in
            (('ours', report['device']), ('PyTorch', report['torch_device'])) if device]
   print(f'{report["config"]}: {report["model"]["name"]}-{report["model"]["depth"]}, '
@@ -274,4 +274,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  app.run(cli.run(main), flags_parser=parse_flags)

@@ -11,8 +11,9 @@ that the authors' code loads (pyramidnet_jax/interop/torch_weights.py).
 from __future__ import annotations
 
 import os
-import sys
+import warnings
 
+from pyramidnet_jax import cli
 from pyramidnet_jax.interop import torch_weights
 
 
@@ -20,24 +21,24 @@ def main(argv: list[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)
+  # torch.load warns about pickle protocols on its way to the error that says what to do.
+  warnings.filterwarnings('ignore', category=UserWarning, module=r'torch\.')
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  try:
-    if os.path.isdir(FLAGS.checkpoint):
-      info = torch_weights.convert_to_torch_file(FLAGS.checkpoint, FLAGS.out)
-      print(f'wrote {info["out"]}: a PyTorch state_dict of {info["model"]["name"]} '
-            f'depth {info["model"]["depth"]}, {info["num_classes"]} classes.')
-    else:
-      info = torch_weights.convert_torch_file(FLAGS.checkpoint, FLAGS.out, FLAGS.dataset or None,
-                                              FLAGS.allow_pickle, FLAGS.class_names or None)
-      model = info['model']
-      extra = (f' alpha {model["alpha"]} ({model["widening"]}, {model["rounding"]})'
-               if model['name'] == 'pyramidnet' else '')
-      print(f'wrote {FLAGS.out}: {model["name"]} depth {model["depth"]}{extra}, '
-            f'{model["stem"]} stem, {info["num_classes"]} classes, {info["num_params"]:,} '
-            'parameters.')
-  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
-    sys.exit(f'error: {e}')
+  if os.path.isdir(FLAGS.checkpoint):
+    cli.check_metadata(FLAGS.checkpoint)
+    info = torch_weights.convert_to_torch_file(FLAGS.checkpoint, FLAGS.out)
+    print(f'wrote {info["out"]}: a PyTorch state_dict of {info["model"]["name"]} '
+          f'depth {info["model"]["depth"]}, {info["num_classes"]} classes.')
+  else:
+    info = torch_weights.convert_torch_file(FLAGS.checkpoint, FLAGS.out, FLAGS.dataset or None,
+                                            FLAGS.allow_pickle, FLAGS.class_names or None)
+    model = info['model']
+    extra = (f' alpha {model["alpha"]} ({model["widening"]}, {model["rounding"]})'
+             if model['name'] == 'pyramidnet' else '')
+    print(f'wrote {FLAGS.out}: {model["name"]} depth {model["depth"]}{extra}, '
+          f'{model["stem"]} stem, {info["num_classes"]} classes, {info["num_params"]:,} '
+          'parameters.')
 
 
 def _define_flags() -> None:
@@ -57,4 +58,5 @@ def _define_flags() -> None:
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  # ImportError: PyTorch missing for a .pth file.
+  app.run(cli.run(main, expected=(ImportError,)), flags_parser=cli.parse_flags)

@@ -16,7 +16,6 @@ from pyramidnet_jax import cli
 from pyramidnet_jax.evaluation import evaluator
 
 
-
 def main(argv: list[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -24,13 +23,11 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments: {" ".join(argv[1:])}')
+  cli.check_metadata(FLAGS.workdir)  # A damaged JSON file is named, not a bare parse error.
   cli.set_up_platform()
   cli.enable_compilation_cache(FLAGS.compilation_cache_dir)
-  try:
-    result = evaluator.evaluate_workdir(FLAGS.workdir, FLAGS.which, FLAGS.split,
-                                        FLAGS.batch_size or None, FLAGS.out or None)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
+  result = evaluator.evaluate_workdir(FLAGS.workdir, FLAGS.which, FLAGS.split,
+                                      FLAGS.batch_size or None, FLAGS.out or None)
   if not result['files']:
     return  # Not process 0: the report is process 0's to write and print.
   print(f'{FLAGS.split} top-1 {result["top1"]:.4f}  top-{result["top_k"]} {result["top5"]:.4f}  '
@@ -54,4 +51,4 @@ def _define_flags() -> None:
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  app.run(cli.run(main), flags_parser=cli.parse_flags)

@@ -23,7 +23,6 @@ then raise the host's CPU count or lower the decoding cost (smaller images on di
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 
 from absl import app
@@ -33,6 +32,7 @@ from ml_collections import config_flags
 
 from pyramidnet_jax import cli
 from pyramidnet_jax import data
+from pyramidnet_jax.training import config_checks
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
@@ -98,14 +98,16 @@ def measure(config, split: str = 'train', batches: int = 50, warmup: int = 5, ep
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
+    raise ValueError(f'unexpected arguments: {" ".join(argv[1:])}; flags take the form '
+                     '--name=value.')
   logging.set_verbosity(logging.WARNING)
   config = FLAGS.config
-  try:
-    result = measure(config, FLAGS.split, FLAGS.batches, FLAGS.warmup, FLAGS.epoch,
-                     FLAGS.process_index, FLAGS.process_count)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
+  config_checks.validate(config)
+  if FLAGS.process_index >= FLAGS.process_count:
+    raise ValueError(f'--process_index={FLAGS.process_index} must be below --process_count='
+                     f'{FLAGS.process_count}.')
+  result = measure(config, FLAGS.split, FLAGS.batches, FLAGS.warmup, FLAGS.epoch,
+                   FLAGS.process_index, FLAGS.process_count)
   augment = (f', augment={config.augment}' if FLAGS.split == 'train' else '')
   print(f'{result["dataset"]} {result["split"]} pipeline{augment}: batches of '
         f'{result["batch_size"]} x {result["image_shape"]}; loaded in {result["load_s"]:.1f}s, '
@@ -120,4 +122,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=cli.parse_config_flags)
+  app.run(cli.run(main), flags_parser=cli.parse_flags)

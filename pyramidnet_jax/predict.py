@@ -30,14 +30,14 @@ def main(argv: list[str]) -> None:
   if len(argv) < 2:
     sys.exit('error: give image files or folders to classify, e.g. '
              'python -m pyramidnet_jax.predict --workdir=runs/demo photo.png photos/')
-  try:
-    loaded = loading.load_info(FLAGS.workdir, FLAGS.which)
-    if FLAGS.dataset:
-      loaded.dataset = FLAGS.dataset
-      loaded.class_names = loading.class_names_of(FLAGS.dataset, loaded.num_classes)
-    results, errors = classifier.predict(loaded, argv[1:], FLAGS.top_k, FLAGS.batch_size)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
+  # Expected failures (a missing or damaged workdir, a bad flag) become one line in cli.run.
+  cli.check_metadata(FLAGS.workdir)
+  loaded = loading.load_info(FLAGS.workdir, FLAGS.which)
+  if FLAGS.dataset:
+    loaded.dataset = FLAGS.dataset
+    loaded.class_names = loading.class_names_of(FLAGS.dataset, loaded.num_classes)
+  results, errors = classifier.predict(loaded, argv[1:], FLAGS.top_k, FLAGS.batch_size,
+                                       FLAGS.max_image_pixels)
   for result in results:
     if FLAGS.json:
       print(json.dumps(result))
@@ -60,6 +60,10 @@ def _define_flags() -> None:
   flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.')
   flags.DEFINE_string('dataset', '', 'Override the dataset whose transform and class names to '
                       'use (fashion_mnist, cifar10, cifar100, imagenet2012).')
+  flags.DEFINE_integer('max_image_pixels', classifier.DEFAULT_MAX_IMAGE_PIXELS,
+                       'Larger images (width x height, from the file\'s header) are not decoded '
+                       'but reported as errors: a guard against decompression bombs.',
+                       lower_bound=1)
   flags.DEFINE_bool('json', False, 'Print one JSON object per image.')
   flags.DEFINE_string('compilation_cache_dir', cli.DEFAULT_CACHE_DIR,
                       'Persistent XLA cache (\'\' turns it off): the second run starts faster.')
@@ -69,4 +73,4 @@ def _define_flags() -> None:
 if __name__ == '__main__':
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(main)
+  app.run(cli.run(main), flags_parser=cli.parse_flags)

@@ -52,11 +52,11 @@ def environment(devices: int) -> dict[str, str]:
   return env
 
 
-def run_two_processes(workdir, steps=STEPS) -> list[subprocess.CompletedProcess]:
+def run_two_processes(workdir, *extra, steps=STEPS) -> list[subprocess.CompletedProcess]:
   address = f'127.0.0.1:{free_port()}'
   procs = [subprocess.Popen(
       main_command(workdir, f'--coordinator_address={address}', '--num_processes=2',
-                   f'--process_id={i}', steps=steps),
+                   f'--process_id={i}', *extra, steps=steps),
       cwd=helpers.ROOT, env=environment(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True) for i in range(2)]
   done = []
@@ -118,7 +118,8 @@ def test_two_processes_resume_from_their_checkpoint(runs, tmp_path):
   workdir, _, _ = runs
   resumed = tmp_path / 'resumed'
   assert all(p.returncode == 0 for p in run_two_processes(resumed, steps=3))
-  again = run_two_processes(resumed)
+  # Extending the stopped run to STEPS is a change of its config the resume must be told of.
+  again = run_two_processes(resumed, '--allow_config_change=num_train_steps')
   assert all(p.returncode == 0 for p in again), again[0].stderr[-3000:]
   _, state, _ = helpers.read_checkpoint(str(resumed))
   _, straight, _ = helpers.read_checkpoint(workdir)

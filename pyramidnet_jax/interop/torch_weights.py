@@ -3,9 +3,15 @@
 The command line is pyramidnet_jax/convert.py. A file is read as a PyTorch checkpoint (a bare
 state_dict or {'state_dict': ...}, keys with or without DataParallel's `module.` prefix); the
 network (family, stem, depth, block type, alpha, widening and the rounding rule) is inferred from
-the tensor shapes alone and written as a model directory that `pyramidnet_jax.load` reads. A directory (a training workdir or a converted model)
-is written the other way, as a bare state_dict that the authors' code loads with
-`model.load_state_dict(torch.load(path))`.
+the tensor shapes alone and written as a model directory that `pyramidnet_jax.load` reads. A
+directory (a training workdir or a converted model) is written the other way, as a bare
+state_dict that the authors' code loads with `model.load_state_dict(torch.load(path))`.
+
+What a state_dict cannot say (the dataset, whose eval transform and class names predict needs,
+the class names, the crop size, the exact model config) goes into a sidecar, `x.pth.json`
+beside `x.pth`. Converting `x.pth` back reads it when it is there: its model config when it
+fits the tensors, else the file is refused (the sidecar belongs to another file); explicit
+--dataset and --class_names win over what it says.
 
 Our submodule names mirror the authors' keys, so the mapping is mechanical: `layer2_0/bn1/scale`
 is `layer2.0.bn1.weight`, conv kernels go HWIO <-> OIHW, the classifier kernel is transposed.
@@ -58,10 +64,12 @@ def read_torch_checkpoint(path: str, allow_pickle: bool = False) -> dict[str, np
     raise
   except Exception as e:  # torch raises many types for damaged or unexpected files.
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if not allow_pickle and 'weights_only' in str(e):
+    if not allow_pickle and 'weights_only' in str(e) and _is_pickle_or_zip(path):
       raise NotConvertible(
           f'{path} holds Python objects besides tensors, so it was not unpickled ({message}). '
           'If you trust the file, pass --allow_pickle.') from e
+    if 'weights_only' in str(e):  # Torch's advice on weights_only does not apply to garbage.
+      message = 'neither a zip archive nor a pickle'
     raise NotConvertible(
         f'{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {message}') from e
   state_dict = loaded
@@ -82,6 +90,21 @@ def read_torch_checkpoint(path: str, allow_pickle: bool = False) -> dict[str, np
       continue
     arrays[key] = value.detach().cpu().numpy()
   return arrays
+
+
+def _is_pickle_or_zip(path: str) -> bool:
+  """Whether the file is a zip (torch.save's format) or a pickle, read without running it:
+  torch's safe loader fails alike on random bytes and on pickled objects; only the second is
+  helped by --allow_pickle."""
+  import pickletools  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  try:
+    if zipfile.is_zipfile(path):
+      return True
+    with open(path, 'rb') as f:
+      return all(True for _ in pickletools.genops(f))
+  except Exception:  # pylint: disable=broad-except  Malformed input raises many types.
+    return False
 
 
 def write_torch_state_dict(state_dict: dict[str, np.ndarray], path: str) -> None:
@@ -348,33 +371,43 @@ def _input_shape(model_config: dict[str, Any]) -> tuple[int, int]:
 def convert_torch_file(path: str, out: str, dataset: str | None = None,
                        allow_pickle: bool = False,
                        class_names_file: str | None = None) -> dict[str, Any]:
-  """Converts a PyTorch checkpoint file into a model directory; returns its info."""
+  """Converts a PyTorch checkpoint file into a model directory; returns its info.
+
+  The network comes from the sidecar (loading.read_sidecar) when there is one, else from the
+  tensor shapes; the data it was trained on as loading.data_of says.
+  """
   from pyramidnet_jax import models  # pylint: disable=g-import-not-at-top
   from pyramidnet_jax.interop import loading  # pylint: disable=g-import-not-at-top
   loading.check_new_directory(out)
   state_dict = read_torch_checkpoint(path, allow_pickle)
   model_config, num_classes = infer_model_config(state_dict)
-  model = models.from_config(model_config, num_classes)
-  variables = from_torch(model, state_dict, _input_shape(model_config))
-  if dataset is None:
-    dataset = 'imagenet2012' if num_classes == 1000 and model_config['stem'] == 'imagenet' else None
-  if class_names_file:
-    with open(class_names_file) as f:
-      class_names = tuple(line.strip() for line in f if line.strip())
-    if len(class_names) != num_classes:
-      raise ValueError(f'{class_names_file} names {len(class_names)} classes; the network has '
-                       f'{num_classes}.')
-  else:
-    class_names = loading.class_names_of(dataset, num_classes)
+  recorded = loading.read_sidecar(path, num_classes)
+  if recorded is not None:
+    model_config = {**loading.MODEL_DEFAULTS, **recorded['model']}
+  try:
+    model = models.from_config(model_config, num_classes)
+    variables = from_torch(model, state_dict, _input_shape(model_config))
+  except ValueError as e:
+    if recorded is None:
+      raise
+    raise ValueError(f'{loading.sidecar_path(path)} does not describe {path} ({e}): it belongs '
+                     'to another file. Delete or move it to convert on the shapes alone.') from e
+  dataset, class_names, image_size = loading.data_of(recorded, dataset, class_names_file,
+                                                     num_classes, model_config['stem'])
   return loading.save(out, model_config, num_classes, variables, dataset=dataset,
-                      source=f'converted from {os.path.abspath(path)}', class_names=class_names)
+                      source=f'converted from {os.path.abspath(path)}', class_names=class_names,
+                      image_size=image_size)
 
 
 def convert_to_torch_file(directory: str, out: str) -> dict[str, Any]:
-  """Writes the model in a workdir or model directory as a PyTorch state_dict file."""
+  """Writes the model in a workdir or model directory as a bare PyTorch state_dict file `out`,
+  and its description as the sidecar `out`.json (loading.write_sidecar)."""
   from pyramidnet_jax.interop import loading  # pylint: disable=g-import-not-at-top
-  if os.path.exists(out):
-    raise FileExistsError(f'{out} exists; choose another --out (nothing was overwritten).')
+  for path in (out, loading.sidecar_path(out)):
+    if os.path.exists(path):
+      raise FileExistsError(f'{path} exists; choose another --out (nothing was overwritten).')
   loaded = loading.load_info(directory)
   write_torch_state_dict(to_torch(loaded.model, loaded.variables), out)
-  return {'model': loaded.model_config, 'num_classes': loaded.num_classes, 'out': out}
+  loading.write_sidecar(out, loaded)
+  return {'model': loaded.model_config, 'num_classes': loaded.num_classes, 'out': out,
+          'sidecar': loading.sidecar_path(out)}
