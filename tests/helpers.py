@@ -195,3 +195,77 @@ def primitive_names(closed_jaxpr) -> set[str]:
 
   walk(closed_jaxpr.jaxpr)
   return names
+
+
+# --- Interrupted runs: stopping a run at a chosen point, damaging its files, comparing runs ---
+
+
+class StopRun(Exception):  # pylint: disable=g-bad-exception-name
+  """Raised by the hooks below to end a run at a chosen point, as a kill would."""
+
+
+def stop_after_epoch(monkeypatch, epoch: int) -> None:
+  """Ends train_and_evaluate right after epoch `epoch` (1-based): its best and latest saves
+  done, its line printed, nothing evaluated."""
+  from pyramidnet_jax.training import loop  # pylint: disable=g-import-not-at-top
+  real = loop._log_epoch_line  # pylint: disable=protected-access
+
+  def log_then_stop(done, *args, **kwargs):
+    real(done, *args, **kwargs)
+    if done + 1 == epoch:
+      raise StopRun(f'stopped after epoch {epoch}')
+  monkeypatch.setattr(loop, '_log_epoch_line', log_then_stop)
+
+
+def stop_after_save(monkeypatch, kind: str, step: int) -> None:
+  """Ends train_and_evaluate once checkpoint `kind`/`step` (kind: 'checkpoints' or 'best') has
+  committed."""
+  from pyramidnet_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
+  real = checkpoints.save
+
+  def save_then_stop(manager, at, *args, **kwargs):
+    result = real(manager, at, *args, **kwargs)
+    if at == step and os.path.basename(str(manager.directory)) == kind:
+      manager.wait_until_finished()
+      raise StopRun(f'stopped after saving {kind}/{step}')
+    return result
+  monkeypatch.setattr(checkpoints, 'save', save_then_stop)
+
+
+def flip_bytes(step_dir: str, count: int = 64) -> str:
+  """Inverts `count` bytes in the middle of the largest array data file of a checkpoint step
+  (WORKDIR/<kind>/<step>); returns the file's path."""
+  files = [os.path.join(root, name) for root, _, names in os.walk(os.path.join(step_dir, 'state'))
+           for name in names if os.path.basename(root) == 'd']
+  assert files, f'no data file under {step_dir}/state'
+  path = max(files, key=os.path.getsize)
+  with open(path, 'r+b') as f:
+    data = bytearray(f.read())
+    assert len(data) > 2 * count, path
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    f.seek(0)
+    f.write(data)
+  return path
+
+
+def without_times(results: dict) -> dict:
+  return {k: v for k, v in results.items() if k not in ('wall_time_s', 'process_wall_time_s')}
+
+
+def assert_same_run(workdir: str, reference: str) -> None:
+  """Two finished workdirs hold the same run: metrics.jsonl, results.json (but its wall times),
+  the final latest checkpoint and the best one (state bit for bit, meta)."""
+  assert read_metrics(workdir) == read_metrics(reference)
+  assert without_times(read_results(workdir)) == without_times(read_results(reference))
+  step, state, meta = read_checkpoint(workdir)
+  reference_step, reference_state, reference_meta = read_checkpoint(reference)
+  assert step == reference_step
+  assert meta == reference_meta
+  assert_trees_equal(state, reference_state, f'{workdir} final state')
+  best_step = reference_meta['best_step']
+  if best_step is not None:
+    _, best_state, best_meta = read_checkpoint(workdir, 'best', best_step)
+    _, reference_best, reference_best_meta = read_checkpoint(reference, 'best', best_step)
+    assert best_meta == reference_best_meta
+    assert_trees_equal(best_state, reference_best, f'{workdir} best state')

@@ -7,11 +7,12 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from absl import logging
 import jax
@@ -23,23 +24,36 @@ from pyramidnet_jax import models
 from pyramidnet_jax.evaluation import evaluator
 from pyramidnet_jax.evaluation import report
 from pyramidnet_jax.training import checkpoints
+from pyramidnet_jax.training import config_checks
 from pyramidnet_jax.training import metrics_log
 from pyramidnet_jax.training import optimizer
+from pyramidnet_jax.training import resume
 from pyramidnet_jax.training import runtime as runtime_lib
+from pyramidnet_jax.training import workdir as workdir_lib
 
 CLASS_NAMES_FILE = 'class_names.json'
 RESULTS_FILE = 'results.json'
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allowed_config_changes: Sequence[str] = ()) -> dict[str, Any]:
   """Trains per `config` in `workdir`, resuming from its latest checkpoint; returns the results.
 
-  With config.write_report, the test evaluation also writes WORKDIR/report/ from the same logits
-  (report_path).
+  The config is checked first, then the workdir; the workdir is locked for the whole run, and a
+  resume may change only the fields workdir.record_config allows (`allowed_config_changes`
+  among them). With config.write_report, the test evaluation also writes WORKDIR/report/ from
+  the same logits (report_path).
   """
   start_time = time.time()
+  config_checks.validate(config)
   models.from_config(config.model, num_classes=1).num_features  # A bad network fails first.
-  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_path(workdir)
+  with workdir_lib.locked(workdir):
+    workdir_lib.record_config(workdir, config, allowed_config_changes)
+    return _train_and_evaluate(config, workdir, start_time)
+
+
+def _train_and_evaluate(config, workdir, start_time) -> dict[str, Any]:
   is_chief = jax.process_index() == 0
   dataset = data.load_dataset(config, jax.process_index(), jax.process_count())
   if config.early_stopping_patience > 0 and dataset.validation is None:
@@ -56,39 +70,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   learning_rate_fn = optimizer.create_learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = optimizer.create_optimizer(config, learning_rate_fn)
   runtime = runtime_lib.create_runtime(config, learning_rate_fn)
-  latest = checkpoints.create_manager(workdir, checkpoints.LATEST, config.checkpoints_to_keep)
-  best = checkpoints.create_manager(workdir, checkpoints.BEST, 1)
-
-  model_config = config.model.to_dict()
-  meta = checkpoints.restore_meta(latest)
-  if meta is not None:
-    differences = checkpoints.config_differences(meta['model'], model_config)
-    if meta.get('dataset') != config.dataset:
-      differences.append(f'dataset: checkpoint has {meta.get("dataset")!r}, config has '
-                         f'{config.dataset!r}')
-    if differences:
-      raise ValueError(
-          f'{workdir} holds a checkpoint of a different model, so it cannot be resumed with '
-          f'this config: {"; ".join(differences)}. Use a new --workdir, or the same config.')
-
   state = runtime_lib.create_train_state(config, model, dataset.image_shape, tx, runtime)
-  if meta is not None:
-    state = checkpoints.restore_state(latest, state)
-    logging.info('Resumed from %s at step %d.', latest.directory, meta['step'])
+
+  names_file = os.path.join(workdir, CLASS_NAMES_FILE)
+  saved = resume.RunCheckpoints(workdir, config.checkpoints_to_keep)
+  resumed = saved.resume(
+      state, functools.partial(_check_resumable, config, dataset, workdir, names_file),
+      with_best=dataset.validation is not None)
+  if resumed.meta is not None:
+    state, meta = resumed.state, resumed.meta
+    logging.info('Resumed from %s at step %d.', saved.latest.directory, resumed.step)
   else:
-    meta = {'model': model_config, 'dataset': config.dataset, 'step': 0, 'epoch': 0,
+    meta = {'model': config.model.to_dict(), 'dataset': config.dataset, 'step': 0, 'epoch': 0,
             'best_accuracy': None, 'best_epoch': None, 'best_step': None, 'bad_epochs': 0,
             'stopped_early': False}
+  # The run's classes, for the check at a resume, and for predict and load (names without
+  # reading, or importing a reader for, the dataset).
+  meta['class_names'] = list(dataset.class_names)
   if is_chief:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json(indent=2))
-    # For predict and load: names without reading (or importing a reader for) the dataset.
-    with open(os.path.join(workdir, CLASS_NAMES_FILE), 'w') as f:
-      json.dump(list(dataset.class_names), f)
+    workdir_lib.write_atomically(names_file, json.dumps(list(dataset.class_names)))
+    resume.truncate_metrics(os.path.join(workdir, metrics_log.METRICS_FILE), resumed.step)
+
+  def timing() -> dict[str, float]:
+    return {'wall_time_s': resumed.wall_time_s + time.time() - start_time}
 
   log = metrics_log.MetricsLog(workdir)
   step = int(jax.device_get(state.step))
-  last_saved = latest.latest_step()
+  # The running sums of this epoch's train metrics, saved with every checkpoint, so that a
+  # resumed run's epoch summary covers the steps taken before the resume too.
+  sums, counted = dict(meta.get('epoch_sums') or {}), int(meta.get('epoch_steps', 0))
   try:
     while step < total_steps and not meta['stopped_early']:
       epoch = step // steps_per_epoch
@@ -97,7 +107,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       batches = dataset.train.train_batches(config.batch_size, config.seed, epoch,
                                             start_index=first_index)
       history = []
-      epoch_history = []
       progress = _progress(config, epoch, num_epochs, first_index, last_index)
       for index in range(first_index, last_index):
         batch = next(batches)
@@ -111,56 +120,82 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if at_log or at_save:
           fetched = jax.device_get(history)  # Each step's metrics cross to the host once.
           summary = _mean_metrics(fetched)
-          _check_finite(summary, step, workdir, last_saved)
-          epoch_history.extend(fetched)
+          _check_finite(summary, step, workdir, saved.latest.latest_step())
+          for metrics_of_step in fetched:
+            for name, value in metrics_of_step.items():
+              sums[name] = sums.get(name, 0.0) + float(value)
+          counted += len(fetched)
           history = []
           log.write(step, 'train', summary, epoch=epoch + 1)
           progress.set_postfix(loss=f'{summary["loss"]:.4f}', acc=f'{summary["accuracy"]:.4f}')
         if at_save and index + 1 < steps_per_epoch:
-          checkpoints.save(latest, step, state, {**meta, 'step': step, 'epoch': epoch})
-          last_saved = step
+          saved.save_latest(step, state, {**meta, 'step': step, 'epoch': epoch,
+                                          'epoch_sums': sums, 'epoch_steps': counted}, timing())
       progress.close()
       batches.close()
       if last_index < steps_per_epoch:
         break  # num_train_steps ended mid-epoch.
-      train_summary = _mean_metrics(epoch_history) if epoch_history else {}
+      train_summary = {name: total / counted for name, total in sums.items()}
       train_summary['learning_rate'] = float(learning_rate_fn(step))  # The LR going forward.
-      meta = _end_of_epoch(config, runtime, state, dataset, best, meta, log, step, epoch)
-      checkpoints.save(latest, step, state, {**meta, 'step': step, 'epoch': epoch + 1})
-      last_saved = step
-      _log_epoch_line(epoch, num_epochs, train_summary, meta, time.time() - start_time)
+      meta, improved = _end_of_epoch(config, runtime, state, dataset, meta, log, step, epoch)
+      sums, counted = {}, 0
+      # One meta for both: best/<step> can then be saved again from checkpoints/<step>.
+      epoch_meta = {**meta, 'step': step, 'epoch': epoch + 1, 'epoch_sums': {}, 'epoch_steps': 0}
+      if improved:
+        saved.save_best(step, state, epoch_meta, timing())
+      saved.save_latest(step, state, epoch_meta, timing())
+      _log_epoch_line(epoch, num_epochs, train_summary, meta, timing()['wall_time_s'])
+    saved.settle()
+  except BaseException:
+    saved.abandon()
+    raise
   finally:
     log.close()
-    latest.wait_until_finished()
-    best.wait_until_finished()
 
   # The test evaluation uses the best-on-validation state when there is one.
   evaluated_state, evaluated_step = state, step
-  if dataset.validation is not None and best.latest_step() is not None:
-    evaluated_step = best.latest_step()
-    evaluated_state = checkpoints.restore_state(best, state, evaluated_step)
+  if dataset.validation is not None and meta['best_step'] is not None:
+    evaluated_step = meta['best_step']
+    evaluated_state = saved.restore_best(evaluated_step, state)
   logits, labels = evaluator.split_logits(runtime, evaluated_state, dataset.test,
                                           config.eval_batch_size)
   test = report.summary_metrics(logits, labels)
+  process_time = time.time() - start_time
   results = {
       'dataset': config.dataset,
       'test_accuracy': test['top1'],
       'test_top5_accuracy': test['top5'],
       'test_loss': test['loss'],
-      'best_epoch': meta['best_epoch'] if dataset.validation is not None else step // steps_per_epoch,
+      'best_epoch': (meta['best_epoch'] if dataset.validation is not None
+                     else step // steps_per_epoch),
       'evaluated_step': evaluated_step,
       'steps': step,
       'stopped_early': meta['stopped_early'],
-      'wall_time_s': time.time() - start_time,
+      # Every process that worked on the run, each up to its last checkpoint, and this one.
+      'wall_time_s': resumed.wall_time_s + process_time,
+      'process_wall_time_s': process_time,
       'num_params': int(sum(x.size for x in jax.tree.leaves(state.params))),
   }
   if is_chief:
-    with open(os.path.join(workdir, RESULTS_FILE), 'w') as f:
-      json.dump(results, f, indent=2)
+    workdir_lib.write_atomically(os.path.join(workdir, RESULTS_FILE),
+                                 json.dumps(results, indent=2))
     if config.write_report:
       _write_report(workdir, config, dataset, logits, labels, evaluated_step)
   logging.info('Results: %s', results)
   return results
+
+
+def _check_resumable(config, dataset, workdir, names_file, meta) -> None:
+  """ValueError where this config cannot continue the checkpoint whose meta this is."""
+  differences = checkpoints.config_differences(meta['model'], config.model.to_dict())
+  if meta.get('dataset') != config.dataset:
+    differences.append(f'dataset: checkpoint has {meta.get("dataset")!r}, config has '
+                       f'{config.dataset!r}')
+  if differences:
+    raise ValueError(
+        f'{workdir} holds a checkpoint of a different model, so it cannot be resumed with '
+        f'this config: {"; ".join(differences)}. Use a new --workdir, or the same config.')
+  resume.check_class_names(meta, dataset.class_names, workdir, names_file)
 
 
 def report_path(workdir: str) -> str:
@@ -203,11 +238,11 @@ def _progress(config, epoch, num_epochs, first_index, last_index):
                    disable=not config.progress_bar or jax.process_index() != 0)
 
 
-def _end_of_epoch(config, runtime, state, dataset, best_manager, meta, log, step, epoch):
-  """Validation, best checkpoint and early stopping; returns the updated metadata."""
+def _end_of_epoch(config, runtime, state, dataset, meta, log, step, epoch):
+  """Validation and early stopping; returns the updated metadata, and whether it improved."""
   meta = dict(meta)
   if dataset.validation is None:
-    return meta
+    return meta, False
   validation = evaluator.split_metrics(runtime, state, dataset.validation,
                                        config.eval_batch_size)
   log.write(step, 'validation', validation, epoch=epoch + 1)
@@ -217,12 +252,11 @@ def _end_of_epoch(config, runtime, state, dataset, best_manager, meta, log, step
   if improved:
     meta.update(best_accuracy=validation['accuracy'], best_epoch=epoch + 1, best_step=step,
                 bad_epochs=0)
-    checkpoints.save(best_manager, step, state, {**meta, 'step': step, 'epoch': epoch + 1})
   else:
     meta['bad_epochs'] += 1
     if 0 < config.early_stopping_patience <= meta['bad_epochs']:
       meta['stopped_early'] = True
-  return meta
+  return meta, improved
 
 
 def _log_epoch_line(epoch, num_epochs, train, meta, elapsed):
