@@ -4,21 +4,21 @@ The networks and the training step call these slots where a platform-specific sp
 stand in for a JAX or Flax primitive. Every platform runs the plain forms, and so does any program
 that imports the package as a library:
 
-| slot                 | plain form (GPU, TPU, library use)         | XLA:CPU kit (pyramidnet_jax/xla_cpu) |
-|----------------------|--------------------------------------------|--------------------------------------|
-| conv2d               | lax.conv_general_dilated                   | oneDNN through XLA FFI, or XLA's     |
-|                      |                                            | with a matmul weight gradient        |
-| conv_general_dilated | lax.conv_general_dilated (nn.Conv's)       | grouped: oneDNN, or a dense conv     |
-|                      |                                            | with a block-diagonal kernel         |
-| batch_norm_gradient  | autodiff of nn.BatchNorm's arithmetic      | the textbook gradient                |
-| remat, remat_call    | jax.checkpoint, nn.checkpoint              | inputs saved, recomputation pinned   |
-|                      |                                            | by data dependences                  |
-| learning_rate        | the optax schedule                         | computed once, under lax.cond        |
-| optimizer_trace      | traced as written                          | jnp's operators inlined              |
-| tracing              | as is                                      | Python's cyclic GC paused            |
-| compiled             | the jitted function                        | + its persistent-cache entry loaded  |
-|                      |                                            | while it traces                      |
-| init_variables       | jitted model.init                          | drawn on the host with numpy         |
+| slot                 | plain (GPU, TPU, library use)      | XLA:CPU kit (xla_cpu/)            |
+|----------------------|------------------------------------|-----------------------------------|
+| conv2d               | lax.conv_general_dilated           | oneDNN through XLA FFI, or XLA's  |
+|                      |                                    | with a matmul weight gradient     |
+| conv_general_dilated | lax.conv_general_dilated (nn.Conv) | grouped: oneDNN, or a dense conv  |
+|                      |                                    | with a block-diagonal kernel      |
+| batch_norm_gradient  | autodiff of nn.BatchNorm's formula | the textbook gradient             |
+| remat, remat_call    | jax.checkpoint, nn.checkpoint      | inputs saved, recomputation       |
+|                      |                                    | pinned by data dependences        |
+| learning_rate        | the optax schedule                 | computed once, under lax.cond     |
+| optimizer_trace      | traced as written                  | jnp's operators inlined           |
+| tracing              | as is                              | Python's cyclic GC paused         |
+| compiled             | the jitted function                | + its persistent-cache entry      |
+|                      |                                    | loaded while it traces            |
+| init_variables       | jitted model.init                  | drawn on the host with numpy      |
 
 The command-line entry points switch to the kit (`xla_cpu.enable`) only when the CPU is JAX's
 only platform, so no GPU or TPU runs a lever that was never measured there, and nothing private
