@@ -1,11 +1,11 @@
 """Loading a function's persistent-cache entry while the function traces, for the CPU kit.
 
 JAX finds a cache entry by a key computed from the lowered program, so even a cached start traces
-and lowers the training step first and only then deserialises the executable; for a deep network
-on a small CPU both take seconds (docs/benchmarks.md#levers). `prefetching` overlaps the two. A small file in the cache
-directory records which entry a jitted function's last compile read, for the same argument shapes,
-shardings, versions and context (the config); the next start deserialises that entry on a
-background thread while the function traces (XLA releases the GIL while it deserialises).
+and lowers the training step first and only then deserialises the executable; for a deep network on
+a small CPU both take seconds (docs/benchmarks.md#levers). `prefetching` overlaps the two. A small
+file in the cache directory records which entry a jitted function's last compile read, for the same
+argument shapes, shardings, versions and context (the config); the next start deserialises that
+entry on a background thread while the function traces (XLA releases the GIL while it deserialises).
 
 JAX still computes the key of the program it traced. The preloaded executable stands in for JAX's
 own read only under that exact key, compile options and devices, so a changed program compiles or

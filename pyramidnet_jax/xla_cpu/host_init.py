@@ -21,9 +21,10 @@ import numpy as np
 def init_variables(model: nn.Module, key: jax.Array, input_shape: Sequence[int]) -> dict[str, Any]:
   """Variables with model.init's structure and distributions, drawn on the host in seconds.
 
-  The structure comes from jax.eval_shape (tracing only) and each leaf is drawn with numpy from a stream keyed on (key, its path), with the same
-  law as the module's initialiser: He fan-out normal conv kernels, BN scale 1 / bias 0, running
-  mean 0 / var 1, PyTorch's uniform(+-1/sqrt(fan_in)) for the classifier.
+  The structure comes from jax.eval_shape (tracing only) and each leaf is drawn with numpy from a
+  stream keyed on (key, its path), with the same law as the module's initialiser: He fan-out normal
+  conv kernels, BN scale 1 / bias 0, running mean 0 / var 1, PyTorch's uniform(+-1/sqrt(fan_in)) for
+  the classifier.
   """
   x = jax.ShapeDtypeStruct((1, *input_shape[-3:]), jnp.float32)
   shapes = jax.eval_shape(functools.partial(model.init, train=False), key, x)

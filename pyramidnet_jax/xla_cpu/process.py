@@ -47,13 +47,14 @@ _GLIBC_MALLOC_ENV = ('MALLOC_MMAP_MAX_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_MMAP_
 def keep_freed_host_memory() -> bool:
   """Makes XLA:CPU reuse one resident temp buffer across steps; True if it did. Before JAX starts.
 
-  XLA:CPU allocates a train step's temporary buffer (hundreds of MB to GBs) at every execution
-  and frees it after. glibc serves a block that large with a fresh mmap and unmaps it on free,
-  so every step page-faults the whole buffer in again. So: no mmap for large blocks
-  and no trimming, and steps dispatched synchronously, so that the buffer is allocated on the
-  calling thread, whose heap can grow (another thread's arena maps anything over 64 MB anyway).
-  The next step then reuses the same resident pages (docs/benchmarks.md#levers). The cost: the process keeps its peak memory until it exits, and Python
-  waits for each step. A malloc setting the user put in the environment wins; no-op off glibc.
+  XLA:CPU allocates a train step's temporary buffer (hundreds of MB to GBs) at every execution and
+  frees it after. glibc serves a block that large with a fresh mmap and unmaps it on free, so every
+  step page-faults the whole buffer in again. So: no mmap for large blocks and no trimming, and
+  steps dispatched synchronously, so that the buffer is allocated on the calling thread, whose heap
+  can grow (another thread's arena maps anything over 64 MB anyway). The next step then reuses the
+  same resident pages (docs/benchmarks.md#levers). The cost: the process keeps its peak memory until
+  it exits, and Python waits for each step. A malloc setting the user put in the environment wins;
+  no-op off glibc.
   """
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     return False
