@@ -8,6 +8,7 @@ and eval_batch_size may change (pyramidnet_jax/training/workdir.py).
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -26,10 +27,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.remat = False
   # PyramidNet computes each block at its widths rounded up to this multiple (1: exact widths).
   # Parameters keep their exact shapes and results change only at float rounding level
-  # (pyramidnet_jax/models/pyramidnet_blocks.py). 16 compiles deep nets faster but trained the
-  # small demo net slower on CPU (docs/benchmarks.md#levers), so it is opt-in.
-  config.model.channel_multiple = 1
-  config.model.dtype = 'float32'  # 'float32' | 'bfloat16' (computation; params stay float32)
+  # (pyramidnet_jax/models/pyramidnet_blocks.py). 'auto': 1 on CPU (16 compiles deep nets faster
+  # but trained the small demo net slower there, docs/benchmarks.md#levers), 8 on NVIDIA GPUs
+  # (tensor cores' channel multiple), 128 on TPU (the MXU's and vector registers' lane count), 1
+  # elsewhere. The GPU and TPU values follow from the hardware and are NOT measured
+  # (pyramidnet_jax/models/platforms.py). Any type: 'auto' or a whole number >= 1.
+  config.model.channel_multiple = config_dict.FieldReference('auto', field_type=object)
+  # Computation dtype: 'auto' (bfloat16 on GPU and TPU, float32 on CPU and NVIDIA GPUs before
+  # Ampere), 'bfloat16' or 'float32'. Parameters, BatchNorm statistics, logits, the loss, the
+  # optimiser state and the parameter gradients (their all-reduce included) stay float32.
+  config.model.dtype = 'auto'
+  # BatchNorm statistics in training over groups of this many consecutive examples of the global
+  # batch, the running averages updated with the mean of the groups'; 0: the whole global batch.
+  # batch_size / devices gives per-device statistics, as PyTorch's DataParallel computes them,
+  # with no communication. Must divide batch_size, and divide each device's share or be a
+  # multiple of it (pyramidnet_jax/models/batch_norm.py, training/runtime.py).
+  config.model.bn_group_size = 0
 
   # Data.
   # 'cifar10' | 'cifar100' | 'imagenet2012' | 'fashion_mnist' | 'folder:/path/to/root', the
@@ -83,6 +96,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.progress_bar = True
   config.write_report = True  # At the end: WORKDIR/report/ (pyramidnet_jax.evaluate's report).
+  # A JAX profiler trace of training steps [start, stop) into WORKDIR/profile (process 0), for
+  # TensorBoard's profile plugin or Perfetto, e.g. --config.profile_steps='(100, 110)'; () is off.
+  config.profile_steps = ()
   config.compilation_cache_dir = '~/.cache/pyramidnet_jax/xla'  # '' turns the cache off.
   # The XLA:CPU kit (pyramidnet_jax/xla_cpu), on where the CPU is JAX's only platform.
   # Convolutions on CPU: 'auto' (oneDNN's, built on first use, where a C++ compiler and oneDNN

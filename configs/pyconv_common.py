@@ -12,6 +12,9 @@ MultiStepLR as default"), and the repo does not say which of the two trained the
 models; we follow the current default (docs/architecture.md). Augmentation is exactly theirs:
 RandomResizedCrop 224 + flip for training, resize 256 + centre crop 224 for evaluation,
 torchvision's mean/std; no dropout, no zero-init of the last BN, no label smoothing.
+BatchNorm: DataParallel gave each GPU of their node its own statistics over 256 / GPUs examples,
+and the repository does not say how many GPUs; so bn_group_size stays 0 (all 256). With G GPUs
+in mind, --config.model.bn_group_size=256/G (e.g. 32 for 8) gives their statistics.
 """
 
 from configs import default

@@ -110,7 +110,10 @@ def test_paper_config(name):
   assert model_config.stem == ('imagenet' if dataset == 'imagenet' else 'cifar')
   assert model_config.bottleneck == (dataset == 'imagenet' or int(depth) >= 164)
   assert model_config.rounding == 'half_up'
-  assert model_config.dtype == 'float32'
+  assert model_config.dtype == 'auto' and model_config.channel_multiple == 'auto'
+  # BatchNorm over the authors' per-GPU share (DataParallel): CIFAR-10 on one GPU, CIFAR-100 on
+  # 4, ImageNet on 8, each with batch 128.
+  assert model_config.bn_group_size == {'cifar10': 0, 'cifar100': 32, 'imagenet': 16}[dataset]
 
   # It is the network of models.PRESETS of the same name.
   preset = models.PRESETS[name.replace('cifar100_', 'cifar_').replace('cifar10_', 'cifar_')]
@@ -145,7 +148,8 @@ def test_pyconv_imagenet_config(name):
   model_name, depth, top1 = PYCONV_IMAGENET[name]
   model_config = config.model
   assert model_config.name == model_name and model_config.depth == depth
-  assert model_config.stem == 'imagenet' and model_config.dtype == 'float32'
+  assert model_config.stem == 'imagenet' and model_config.dtype == 'auto'
+  assert model_config.bn_group_size == 0  # Their GPU count is not stated: the whole batch.
   assert model_config.dropout_rate == 0.0 and not model_config.remat
   assert config.dataset == 'imagenet2012'
   model = models.from_config(model_config, NUM_CLASSES[config.dataset])

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from pyramidnet_jax.benchmarking import common
+from pyramidnet_jax.models import platforms
 
 
 def unsupported(config) -> str | None:
@@ -74,7 +75,8 @@ def run(config, variant: str, image_shape, num_classes, steps: int, warmup: int,
   if cold_cache:
     import torch._inductor.config  # pylint: disable=g-import-not-at-top
     torch._inductor.config.force_disable_caches = True  # pylint: disable=protected-access
-  bf16 = config.model.dtype == 'bfloat16'
+  # bf16 autocast exactly where ours computes in bfloat16 on this machine ('auto' included).
+  bf16 = platforms.dtype_name(config.model.dtype, _platform(torch)) == 'bfloat16'
 
   def sync():
     if cuda:
@@ -159,7 +161,18 @@ def run(config, variant: str, image_shape, num_classes, steps: int, warmup: int,
       'rss_after_imports_mb': rss_imports,
       'torch_device': torch.cuda.get_device_name() if cuda else f'cpu ({threads} threads)',
       'torch_version': torch.__version__,
+      'torch_autocast': 'bfloat16' if bf16 else 'off',
   }
   if peak_device is not None:
     result['peak_device_mb'] = peak_device / 2**20
   return result
+
+
+def _platform(torch) -> str:
+  """The machine PyTorch runs on, named as platforms.RESOLVED names ours."""
+  if not torch.cuda.is_available():
+    return 'cpu'
+  if torch.version.hip:
+    return 'rocm'
+  major, _ = torch.cuda.get_device_capability()
+  return 'cuda' if major >= 8 else 'cuda_pre_ampere'

@@ -25,10 +25,12 @@ class ImageClassifier(nn.Module):
     """Dropout, then the fully connected classifier with PyTorch's nn.Linear init: float32 logits.
 
     Called from the subclass's compact __call__, so its layers are that network's `dropout`
-    and `fc`.
+    and `fc`. The classifier computes in float32 whatever the network's dtype: it is a tiny share
+    of the work, its logits feed the float32 loss, and its parameters' gradients (sums over the
+    batch) then stay float32.
     """
     pooled = nn.Dropout(self.dropout_rate, name='dropout')(pooled, deterministic=not train)
     init = layers.torch_linear_init(self.num_features)
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=init, bias_init=init, name='fc')(pooled)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, param_dtype=self.param_dtype,
+                      kernel_init=init, bias_init=init, name='fc')(pooled.astype(jnp.float32))
     return logits.astype(jnp.float32)

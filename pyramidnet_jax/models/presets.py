@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
+from pyramidnet_jax.models import platforms
 from pyramidnet_jax.models.pyconv import PyConvHGResNet
 from pyramidnet_jax.models.pyconv import PyConvResNet
 from pyramidnet_jax.models.pyramidnet import PyramidNet
 
 MODEL_NAMES = ('pyramidnet', 'pyconvresnet', 'pyconvhgresnet')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = platforms.DTYPES
 
 # The networks of the paper's tables. CIFAR depths >= 164 use bottleneck blocks, as in the paper.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -48,26 +48,32 @@ def create_model(name: str, num_classes: int, **overrides) -> PyramidNet:
   return PyramidNet(**{**PRESETS[name], 'num_classes': num_classes, **overrides})
 
 
-def from_config(model_config: Any, num_classes: int) -> nn.Module:
+def from_config(model_config: Any, num_classes: int, platform: str | None = None) -> nn.Module:
   """The network `model_config` (a training config's `config.model`, or a dict of its fields)
   names: PyramidNet, PyConvResNet or PyConvHGResNet.
 
-  The PyConv networks read depth, stem, dropout_rate, remat and dtype; alpha, bottleneck,
-  widening, rounding and channel_multiple are PyramidNet's only and ignored for them.
+  dtype and channel_multiple 'auto' are resolved for `platform` ('cpu', 'cuda' or 'gpu', 'rocm',
+  'tpu', ...; None: JAX's default backend now) by models/platforms.py. The PyConv networks read
+  depth, stem, dropout_rate, remat, bn_group_size and dtype; alpha, bottleneck, widening,
+  rounding and channel_multiple are PyramidNet's only and ignored for them.
   """
   get = model_config.__getitem__
-  name, dtype = get('name'), get('dtype')
+  name = get('name')
   if name not in MODEL_NAMES:
     raise ValueError(f'Unknown config.model.name {name!r}: expected one of '
                      f'{", ".join(map(repr, MODEL_NAMES))}.')
-  if dtype not in DTYPES:
-    raise ValueError(f'Unknown config.model.dtype {dtype!r}: expected one of {sorted(DTYPES)}.')
+  dtype = platforms.dtype(get('dtype'), platform)
+  # Configs recorded before the field existed (older workdirs, converted models) trained on the
+  # whole batch.
+  bn_group_size = model_config.get('bn_group_size', 0)
   if name != 'pyramidnet':
     cls = PyConvResNet if name == 'pyconvresnet' else PyConvHGResNet
     return cls(depth=get('depth'), num_classes=num_classes, stem=get('stem'),
-               dropout_rate=get('dropout_rate'), remat=get('remat'), dtype=DTYPES[dtype])
+               dropout_rate=get('dropout_rate'), remat=get('remat'),
+               bn_group_size=bn_group_size, dtype=dtype)
   return PyramidNet(
       depth=get('depth'), alpha=get('alpha'), num_classes=num_classes,
       bottleneck=get('bottleneck'), widening=get('widening'), stem=get('stem'),
       rounding=get('rounding'), dropout_rate=get('dropout_rate'), remat=get('remat'),
-      channel_multiple=get('channel_multiple'), dtype=DTYPES[dtype])
+      channel_multiple=platforms.channel_multiple(get('channel_multiple'), platform),
+      bn_group_size=bn_group_size, dtype=dtype)

@@ -25,6 +25,7 @@ from pyramidnet_jax import levers
 from pyramidnet_jax.models import head
 from pyramidnet_jax.models import layers
 from pyramidnet_jax.models.batch_norm import BatchNorm
+from pyramidnet_jax.models.batch_norm import check_group_size
 from pyramidnet_jax.models.layers import conv_init
 from pyramidnet_jax.models.layers import symmetric_padding as _pad
 
@@ -48,9 +49,12 @@ STAGE_DIVISORS = ((4, 4, 4, 4), (4, 4, 2), (2, 2), (1,))
 
 def _grouped_conv(features: int, kernel: int, stride: int, groups: int, dtype: Any,
                   param_dtype: Any, kernel_init: Callable[..., Any], name: str) -> nn.Conv:
+  # The platform's convolution (levers.current().conv_general_dilated), the kernel cast to dtype
+  # there, so that its gradient stays float32 under a lower-precision dtype.
   return nn.Conv(features, (kernel, kernel), stride, _pad(kernel), feature_group_count=groups,
                  use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
-                 conv_general_dilated=levers.current().conv_general_dilated, name=name)
+                 conv_general_dilated=layers.conv_general_dilated,
+                 promote_dtype=layers.keep_kernel_dtype, name=name)
 
 
 class PyConv(nn.Module):
@@ -142,6 +146,7 @@ class PyConvBottleneck(nn.Module):
   divisors: Sequence[int]
   groups: Sequence[int]
   stride: int = 1
+  bn_group_size: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -166,6 +171,7 @@ class PyConvBasicBlock(nn.Module):
   divisors: Sequence[int]
   groups: Sequence[int]
   stride: int = 1
+  bn_group_size: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -187,6 +193,7 @@ class _PyConvNet(head.ImageClassifier):
   stem: str = 'imagenet'
   dropout_rate: float = 0.0
   remat: bool = False
+  bn_group_size: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -221,6 +228,7 @@ class _PyConvNet(head.ImageClassifier):
     """Float32 logits (batch, num_classes), or the `features` dict if return_features."""
     layout, bottleneck = self.layout
     layers.validate_call(self, x)
+    check_group_size(self.bn_group_size)
     conv, norm = _conv_and_norm(self, train)
     out = {}
     x = x.astype(self.dtype)
@@ -238,8 +246,8 @@ class _PyConvNet(head.ImageClassifier):
         stride = 2 if i == 0 and (stage > 0 or self.stem == 'imagenet') else 1
         block = block_cls(planes=self.PLANES[stage], kernels=STAGE_KERNELS[stage],
                           divisors=STAGE_DIVISORS[stage], groups=self.GROUPS[stage],
-                          stride=stride, dtype=self.dtype, param_dtype=self.param_dtype,
-                          name=f'layer{stage + 1}_{i}', **extra)
+                          stride=stride, bn_group_size=self.bn_group_size, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=f'layer{stage + 1}_{i}', **extra)
         if self.remat:
           x = levers.current().remat_call(block, x, train)
         else:
@@ -268,7 +276,10 @@ class PyConvResNet(_PyConvNet):
     dropout_rate: dropout before the classifier (the authors' dropout_prob0; 0 by default).
     remat: recompute each block in the backward pass instead of keeping its activations
       (`levers.current().remat_call`; docs/benchmarks.md#levers).
-    dtype: computation dtype (e.g. jnp.bfloat16); BN statistics and logits stay float32.
+    bn_group_size: BatchNorm statistics over groups of this many consecutive examples of the
+      batch in training, e.g. one device's share; 0: the whole batch (models/batch_norm.py).
+    dtype: computation dtype (e.g. jnp.bfloat16); parameters, BN statistics, parameter gradients
+      and logits stay float32.
     param_dtype: parameter dtype.
   """
   DEPTHS = (18, 34, 50, 101, 152)

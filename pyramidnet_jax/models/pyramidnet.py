@@ -122,8 +122,12 @@ class PyramidNet(head.ImageClassifier):
       little speed (docs/benchmarks.md#levers).
     channel_multiple: compute each block at its widths rounded up to this multiple (1: exact
       widths); parameters keep their exact shapes and the padding is inert
-      (pyramidnet_blocks.py). Blocks that then share shapes compile faster.
-    dtype: computation dtype (e.g. jnp.bfloat16); BN statistics and logits stay float32.
+      (pyramidnet_blocks.py). Blocks that then share shapes compile faster. from_config resolves
+      the config's 'auto' per platform (models/platforms.py).
+    bn_group_size: BatchNorm statistics over groups of this many consecutive examples of the
+      batch in training, e.g. one device's share; 0: the whole batch (models/batch_norm.py).
+    dtype: computation dtype (e.g. jnp.bfloat16); parameters, BN statistics, parameter gradients
+      and logits stay float32.
     param_dtype: parameter dtype.
   """
   depth: int
@@ -136,6 +140,7 @@ class PyramidNet(head.ImageClassifier):
   dropout_rate: float = 0.0
   remat: bool = False
   channel_multiple: int = 1
+  bn_group_size: int = 0
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -155,8 +160,11 @@ class PyramidNet(head.ImageClassifier):
   def __call__(self, x: jax.Array, train: bool = False, return_features: bool = False):
     """Float32 logits (batch, num_classes), or the `features` dict if return_features."""
     layers.validate_call(self, x)
+    batch_norm.check_group_size(self.bn_group_size)
     widths = self.widths
-    conv, norm = layers.conv_and_norm(self, train)
+    # nn.BatchNorm, as ever, unless groups need ours (whose training gradient is the levers').
+    conv, norm = layers.conv_and_norm(
+        self, train, batch_norm.BatchNorm if self.bn_group_size else nn.BatchNorm)
     out = {}
     x = x.astype(self.dtype)
     if self.stem == 'cifar':
@@ -173,7 +181,8 @@ class PyramidNet(head.ImageClassifier):
       variables = blocks.BlockVariables(spec, layers.conv_init, self.param_dtype,
                                         name=spec.name).create()
       x, batch = blocks.run_block(spec, variables, x, train=train, remat=self.remat,
-                                  epsilon=layers.BN_EPSILON, dtype=self.dtype)
+                                  epsilon=layers.BN_EPSILON, dtype=self.dtype,
+                                  group_size=self.bn_group_size)
       if updating:
         batch_norm.update_running_stats(variables[1], batch, layers.BN_MOMENTUM)
       if spec.last_in_stage:

@@ -183,17 +183,19 @@ def padded_block_variables(spec: BlockSpec, params, stats) -> tuple[dict, dict]:
   return padded_params, padded_stats
 
 
-def block(params, stats, x, *, spec: BlockSpec, train: bool, epsilon: float, dtype):
+def block(params, stats, x, *, spec: BlockSpec, train: bool, epsilon: float, dtype,
+          group_size: int = 0):
   """One block on padded arrays: (output, {bn layer: (batch mean, batch var)} or None)."""
   batch = {}
 
   def norm(y, layer):
-    y, batch[layer] = bn.batch_norm(y, params[layer], stats[layer], train, epsilon, dtype)
+    y, batch[layer] = bn.batch_norm(y, params[layer], stats[layer], train, epsilon, dtype,
+                                    group_size)
     return y
 
   def convolve(y, layer, stride=1):
-    kernel = params[layer]['kernel']
-    return layers.conv2d(y.astype(dtype), kernel.astype(dtype), stride,
+    kernel = params[layer]['kernel']  # Cast to dtype by the convolution (layers.conv2d).
+    return layers.conv2d(y.astype(dtype), kernel, stride,
                          layers.symmetric_padding(kernel.shape[0]))
 
   y = norm(x, 'bn1')
@@ -209,9 +211,10 @@ def block(params, stats, x, *, spec: BlockSpec, train: bool, epsilon: float, dty
 
 
 def run_block(spec: BlockSpec, variables: tuple[dict, dict], x: jax.Array, *, train: bool,
-              remat: bool, epsilon: float, dtype):
+              remat: bool, epsilon: float, dtype, group_size: int = 0):
   """A block on its exact variables and a padded input: (padded output, batch stats or None)."""
-  body = functools.partial(block, spec=spec, train=train, epsilon=epsilon, dtype=dtype)
+  body = functools.partial(block, spec=spec, train=train, epsilon=epsilon, dtype=dtype,
+                           group_size=group_size)
   if remat:
     body = levers.current().remat(body)
   params, stats = padded_block_variables(spec, *variables)

@@ -124,3 +124,68 @@ def test_batch_norm_in_lax_traces_to_the_equations_of_its_jnp_formulas(padded):
   assert_same_jaxpr(lambda *a: bn.normalise(*a, EPSILON), evaluation,
                     x.astype(jnp.bfloat16), *[channels] * 4)  # Eval in bf16 promotes as jnp.
   assert_same_jaxpr(ours_running, running, jnp.zeros(7), jnp.ones(7), channels, channels)
+
+
+@pytest.mark.parametrize('chosen', [levers.PLAIN, xla_cpu.LEVERS], ids=lambda lv: lv.name)
+@pytest.mark.parametrize('group_size', [1, 2])
+def test_groups_are_normalised_each_with_its_own_statistics(group_size, chosen):
+  """group_size g: each run of g consecutive examples is nn.BatchNorm's formula on its own, the
+  batch statistics returned (for the running averages) are the mean of the groups', and the
+  gradients are autodiff's of that (the kit: its textbook gradient per group, to rounding)."""
+  x, params, weights = inputs()
+  groups = x.shape[0] // group_size
+
+  def reference(x, params):
+    parts = [formula(x[i * group_size:(i + 1) * group_size], params) for i in range(groups)]
+    y = jnp.concatenate([y for y, _ in parts])
+    return y, tuple(jnp.mean(jnp.stack([stats[k] for _, stats in parts]), 0) for k in (0, 1))
+
+  def grouped(x, params):
+    return bn.batch_norm(x, params, None, True, EPSILON, jnp.float32, group_size)
+
+  def loss(norm, x, params):
+    y, _ = norm(x, params)
+    return jnp.sum(jnp.tanh(y) * weights)
+
+  with levers.using(chosen):
+    got = grouped(x, params), jax.grad(loss, (1, 2))(grouped, x, params)
+  want = reference(x, params), jax.grad(loss, (1, 2))(reference, x, params)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+  # Not the whole batch's statistics: the test can tell groups from none.
+  assert not jnp.allclose(got[0][1][1], formula(x, params)[1][1], rtol=1e-3)
+
+
+def test_a_group_of_the_whole_batch_is_the_whole_batch_bit_for_bit():
+  x, params, _ = inputs()
+  whole = bn.batch_norm(x, params, None, True, EPSILON, jnp.float32)
+  chex.assert_trees_all_equal(bn.batch_norm(x, params, None, True, EPSILON, jnp.float32,
+                                            x.shape[0]), whole)
+
+
+def test_groups_that_do_not_divide_the_batch_are_refused():
+  x, params, _ = inputs()
+  with pytest.raises(ValueError, match='bn_group_size 3 does not divide the batch of 4'):
+    bn.batch_norm(x, params, None, True, EPSILON, jnp.float32, 3)
+
+
+def test_groups_in_pyramidnet_at_padded_widths_and_with_remat_under_either_levers():
+  """PyramidNet's blocks normalise padded (G, C) statistics: padded widths, remat and the kit
+  give exact widths' plain outputs, running averages and gradients, to rounding."""
+  from pyramidnet_jax import models  # pylint: disable=g-import-not-at-top
+  x = 1.0 + jax.random.normal(jax.random.key(0), (8, 16, 16, 1))
+  results = {}
+  for chosen in (levers.PLAIN, xla_cpu.LEVERS):
+    for multiple in (1, 8):
+      model = models.from_config({**helpers.tiny_config().model, 'channel_multiple': multiple,
+                                  'bn_group_size': 2, 'remat': True}, 10)
+      variables = model.init(jax.random.key(0), x[:1])
+
+      def loss(params, model=model, variables=variables):
+        y, updates = model.apply({**variables, 'params': params}, x, train=True,
+                                 mutable=['batch_stats'])
+        return jnp.sum(y ** 2), (y, updates)
+
+      with levers.using(chosen):
+        results[chosen.name, multiple] = jax.grad(loss, has_aux=True)(variables['params'])
+  for key, result in results.items():
+    chex.assert_trees_all_close(result, results['plain', 1], rtol=1e-4, atol=1e-4)

@@ -123,6 +123,72 @@ def test_plain_conv_is_lax_conv_general_dilated():
   chex.assert_trees_all_equal(got, want)
 
 
+# (stride, kernel size, groups, input height and width): odd sizes leave rows a strided window
+# never reaches, which the kernel gradient's padding must account for.
+KERNEL_GRADIENT_CASES = [(1, 3, 1, (8, 8)), (2, 3, 1, (9, 8)), (2, 1, 1, (7, 7)),
+                         (1, 3, 2, (6, 7)), (2, 5, 4, (9, 10))]
+
+
+@pytest.mark.parametrize('stride,size,groups,hw', KERNEL_GRADIENT_CASES, ids=str)
+def test_kernel_gradient_is_autodiffs(stride, size, groups, hw):
+  x = jax.random.normal(jax.random.key(0), (3, *hw, 8))
+  kernel = jax.random.normal(jax.random.key(1), (size, size, 8 // groups, 4))
+  padding = layers.symmetric_padding(size)
+  y, vjp = jax.vjp(lambda k: levers.lax_conv2d(x, k, stride, padding, groups), kernel)
+  dy = jax.random.normal(jax.random.key(2), y.shape)
+  got = layers.kernel_gradient(x, dy, kernel.shape, stride, padding, groups)
+  assert got.dtype == jnp.float32
+  chex.assert_trees_all_close(got, vjp(dy)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+def test_a_float32_kernel_under_bfloat16_is_convolved_in_bfloat16_with_a_float32_gradient(groups):
+  """The forward and the input gradient are the bfloat16 convolution's, bit for bit; the kernel
+  gradient is the same contraction returned in float32, not rounded to bfloat16."""
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 8)).astype(jnp.bfloat16)
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 8 // groups, 6))
+  padding = layers.symmetric_padding(3)
+  dy = jax.random.normal(jax.random.key(2), (4, 4, 4, 6)).astype(jnp.bfloat16)
+
+  def cast(x, k):  # What conv2d did before: the kernel cast, its gradient bfloat16.
+    return levers.lax_conv2d(x, k.astype(jnp.bfloat16), 2, padding, groups)
+
+  with levers.using(levers.PLAIN):
+    y, vjp = jax.vjp(lambda x, k: layers.conv2d(x, k, 2, padding, groups), x, kernel)
+  y_cast, vjp_cast = jax.vjp(cast, x, kernel)
+  (dx, dk), (dx_cast, dk_cast) = vjp(dy), vjp_cast(dy)
+  assert y.dtype == dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
+  chex.assert_trees_all_equal((y, dx), (y_cast, dx_cast))
+  # In float32 from the same bfloat16 operands: the exact sums, which bfloat16 rounds.
+  exact = jax.vjp(lambda k: levers.lax_conv2d(x.astype(jnp.float32), k, 2, padding, groups),
+                  kernel.astype(jnp.bfloat16).astype(jnp.float32))[1](dy.astype(jnp.float32))[0]
+  chex.assert_trees_all_close(dk, exact, rtol=1e-5, atol=1e-5)
+  assert not jnp.allclose(dk_cast, exact, rtol=1e-5, atol=1e-5)
+
+
+def test_nn_conv_hook_keeps_a_float32_kernel_gradient_under_bfloat16():
+  """PyConv's grouped nn.Conv levels (layers.conv_general_dilated, keep_kernel_dtype)."""
+  conv = nn.Conv(6, (3, 3), 1, layers.symmetric_padding(3), feature_group_count=2,
+                 use_bias=False, dtype=jnp.bfloat16, conv_general_dilated=layers.conv_general_dilated,
+                 promote_dtype=layers.keep_kernel_dtype)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8))
+  variables = conv.init(rng(), x)
+  reference = nn.Conv(6, (3, 3), 1, layers.symmetric_padding(3), feature_group_count=2,
+                      use_bias=False, dtype=jnp.bfloat16)
+
+  def loss(module, params):
+    return jnp.sum(module.apply({'params': params}, x).astype(jnp.float32) ** 2)
+
+  with levers.using(levers.PLAIN):
+    y = conv.apply(variables, x)
+    grads = jax.grad(loss, 1)(conv, variables['params'])
+  y_ref = reference.apply(variables, x)
+  grads_ref = jax.grad(loss, 1)(reference, variables['params'])
+  assert y.dtype == jnp.bfloat16 and grads['kernel'].dtype == jnp.float32
+  chex.assert_trees_all_equal(y, y_ref)
+  chex.assert_trees_all_close(grads, grads_ref, rtol=2e-2, atol=2e-2)
+
+
 def test_import_does_not_load_tensorflow_or_torch():
   env = dict(os.environ)
   env['PYTHONPATH'] = os.pathsep.join(filter(None, [helpers.ROOT, env.get('PYTHONPATH')]))
