@@ -113,8 +113,11 @@ def serve_subset(monkeypatch, num_train: int, num_test: int) -> data.Dataset:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """metrics.jsonl's records without the loop's throughput, which differs from run to run."""
+  from pyramidnet_jax.training import feeding  # pylint: disable=g-import-not-at-top
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in f if line.strip()]
+  return [{k: v for k, v in r.items() if k not in feeding.THROUGHPUT_FIELDS} for r in records]
 
 
 def read_results(workdir: str) -> dict:

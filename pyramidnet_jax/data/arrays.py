@@ -3,6 +3,8 @@
 Every training batch is a pure function of (seed, epoch, index): its order and augmentation come
 from numpy generators keyed on those numbers. Every process holds the whole split and builds the
 whole global batch's order and augmentation draws, then keeps its own contiguous slice of it.
+Crops and flips move uint8 pixels exactly, so batches hold uint8 images that the steps normalise
+on the device (preprocessing.image_dtype 'float32': normalised here instead).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ class ArraySplit:
   def train_batch(self, batch_size: int, seed: int, epoch: int,
                   index: int) -> dict[str, np.ndarray]:
     """This process's part of training batch `index` of epoch `epoch`: a pure function of the
-    arguments and the process. {'image': float32 (B, H, W, C) normalised, 'label': int32 (B,)}."""
+    arguments and the process. {'image': (B, H, W, C) uint8 pixels (or float32 normalised, see
+    the module docstring), 'label': int32 (B,)}."""
     steps = self.steps_per_epoch(batch_size)
     if not 0 <= index < steps:
       raise ValueError(f'Batch index {index} is outside the epoch\'s {steps} batches.')
@@ -92,8 +95,12 @@ class ArraySplit:
       padding = AUGMENTATION_PADDING[augmentation]
       top, left, flip = _crop_draws(batch_size, padding, rng)
       images = _crop_and_flip(images, padding, top[mine], left[mine], flip[mine])
-    return {'image': normalize(images, self.preprocessing.mean, self.preprocessing.std),
-            'label': self.labels[chosen[mine]]}
+    return {'image': self._batch_images(images), 'label': self.labels[chosen[mine]]}
+
+  def _batch_images(self, images: np.ndarray) -> np.ndarray:
+    if self.preprocessing.image_dtype == 'uint8':
+      return images
+    return normalize(images, self.preprocessing.mean, self.preprocessing.std)
 
   def train_batches(self, batch_size: int, seed: int, epoch: int, start_index: int = 0,
                     prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
@@ -115,8 +122,8 @@ class ArraySplit:
 
   def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every example once, in order: this process's slice of global batches of exactly
-    `batch_size` {'image', 'label', 'mask'}. The last is padded with zero images (a black image
-    after normalisation) and label 0; 'mask' (float32) is 1 for real examples, 0 for padding."""
+    `batch_size` {'image', 'label', 'mask'}. The last is padded with zero images (black) and
+    label 0; 'mask' (float32) is 1 for real examples, 0 for padding."""
     return self._eval_batches(batch_size, self._local_slice(batch_size))
 
   def _eval_batches(self, batch_size: int, mine: slice) -> Iterator[dict[str, np.ndarray]]:
@@ -130,8 +137,8 @@ class ArraySplit:
         padding = batch_size - real
         images = np.concatenate([images, np.zeros((padding,) + images.shape[1:], np.uint8)])
         labels = np.concatenate([labels, np.zeros(padding, np.int32)])
-      yield {'image': normalize(images[mine], self.preprocessing.mean, self.preprocessing.std),
-             'label': labels[mine], 'mask': mask[mine]}
+      yield {'image': self._batch_images(images[mine]), 'label': labels[mine],
+             'mask': mask[mine]}
 
 
 def random_crop_and_flip(images: np.ndarray, padding: int,

@@ -36,6 +36,7 @@ import numpy as np
 
 from pyramidnet_jax.data import source
 from pyramidnet_jax.data import streaming
+from pyramidnet_jax.data import tf_import
 from pyramidnet_jax.data import transforms
 from pyramidnet_jax.data.arrays import stratified_hold_out
 from pyramidnet_jax.data.images import DEFAULT_MAX_IMAGE_PIXELS
@@ -107,7 +108,7 @@ class FolderSplit(streaming.StreamedSplit):
     starts at position start_index * local batch size without reading what precedes it. Files
     are decoded in parallel (tf.data map; PIL releases the GIL while decoding), in order.
     """
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = tf_import.tensorflow()
 
     steps, seed, epoch = self._train_arguments(batch_size, seed, epoch, start_index)
     local_batch_size = self.local_batch_size(batch_size)
@@ -124,11 +125,11 @@ class FolderSplit(streaming.StreamedSplit):
       image, label, status, path, reason = _read_example(reader, shard_position)
       if augment:
         image = transforms.random_resized_crop_transform(
-            image, mean=p.mean, std=p.std, size=p.image_size,
+            image, mean=p.mean, std=p.std, size=p.image_size, image_dtype=p.image_dtype,
             **seeds.transform_kwargs(position, p))
       else:
         image = transforms.streamed_eval_transform(image, p.mean, p.std, p.image_size,
-                                                   p.resize_size)
+                                                   p.resize_size, p.image_dtype)
       return {'image': image, 'label': label, 'status': status, 'path': path, 'reason': reason}
 
     dataset = tf.data.Dataset.from_tensor_slices((positions, order[positions]))
@@ -142,7 +143,7 @@ class FolderSplit(streaming.StreamedSplit):
     process_count with a 'mask', padded to eval_steps batches on every process. An unreadable
     file is, with bad_images='skip', masked out like padding (and named in the log), or with
     'error' a ValueError naming it."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = tf_import.tensorflow()
 
     num_batches = self.eval_steps(batch_size)
     local_batch_size = self.local_batch_size(batch_size)
@@ -152,7 +153,7 @@ class FolderSplit(streaming.StreamedSplit):
     def transform(shard_position):
       image, label, status, path, reason = _read_example(reader, shard_position)
       image = transforms.streamed_eval_transform(image, p.mean, p.std, p.image_size,
-                                                 p.resize_size)
+                                                 p.resize_size, p.image_dtype)
       return {'image': image, 'label': label, 'status': status, 'path': path, 'reason': reason}
 
     dataset = tf.data.Dataset.range(len(self.shard_indices()))
@@ -239,7 +240,7 @@ class _FolderReader:
 
 
 def _read_example(reader: _FolderReader, position: Any) -> tuple[Any, ...]:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = tf_import.tensorflow()
 
   image, label, status, path, reason = tf.numpy_function(
       reader, [position], [tf.uint8, tf.int32, tf.int32, tf.string, tf.string], stateful=False)
@@ -314,7 +315,8 @@ def _unreadable_class_or_split(split: FolderSplit, status: int, label: int, path
 
 def load(spec: str, validation_fraction: float, validation_seed: int, process_index: int,
          process_count: int, image_size: int, bad_images: str,
-         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> source.Dataset:
+         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+         image_dtype: str = 'float32') -> source.Dataset:
   """`folder:ROOT`: the user's images in ROOT/train/<class>/ and ROOT/val/<class>/.
 
   Classes are the sorted subfolder names of ROOT/train (ROOT/val must have the same); files are
@@ -323,7 +325,8 @@ def load(spec: str, validation_fraction: float, validation_seed: int, process_in
   written here: listing a large folder costs one directory walk. Test split: ROOT/val.
   config.validation_fraction holds out a stratified random part of ROOT/train (seeded by
   validation_seed), as for in-memory datasets. Transforms: ImageNet's, at `image_size`
-  (random-resized crop + flip; eval resize + centre crop), with ImageNet's mean and std.
+  (random-resized crop + flip; eval resize + centre crop), with ImageNet's mean and std, in
+  batches of `image_dtype` images (transforms.streamed_image_dtype).
   """
   root = os.path.expanduser(spec[len(PREFIX):])
   if not root:
@@ -357,7 +360,7 @@ def load(spec: str, validation_fraction: float, validation_seed: int, process_in
                      f'({", ".join(IMAGE_EXTENSIONS[:6])}, ...): {empty}.')
   if not listed['val'][0]:
     raise ValueError(f'{directories["val"]!r} holds no image files in its class folders.')
-  preprocessing = transforms.imagenet_preprocessing(image_size)
+  preprocessing = transforms.imagenet_preprocessing(image_size, image_dtype)
 
   def make(directory, paths, labels):
     return FolderSplit(spec, directory, paths, labels, preprocessing=preprocessing,

@@ -22,7 +22,8 @@ FOLDER_PREFIX = folder.PREFIX
 DATASETS = ('cifar10', 'cifar100', 'fashion_mnist', 'imagenet2012', FOLDER_PREFIX + '/path/to/root')
 
 
-def load_dataset(config: Any, process_index: int = 0, process_count: int = 1) -> Dataset:
+def load_dataset(config: Any, process_index: int = 0, process_count: int = 1,
+                 platform: str | None = None) -> Dataset:
   """The dataset named by `config.dataset`, with the configured validation hold-out.
 
   Reads config.dataset, data_dir, validation_fraction, validation_seed and augment, and for the
@@ -33,7 +34,9 @@ def load_dataset(config: Any, process_index: int = 0, process_count: int = 1) ->
   (every process holds all of it and keeps its slice of each batch); imagenet2012 and
   `folder:ROOT` are streamed, each process reading only its shard. Every split yields process
   `process_index` of `process_count`'s part of each global batch (pass jax.process_index(),
-  jax.process_count()).
+  jax.process_count()). In-memory batches hold uint8 images; streamed ones hold the image dtype
+  transforms.streamed_image_dtype chooses for the JAX `platform` that will train on them
+  (default: JAX's default backend).
   """
   name = config.dataset
   fraction = float(config.validation_fraction)
@@ -64,10 +67,11 @@ def load_dataset(config: Any, process_index: int = 0, process_count: int = 1) ->
     dataset = tfds_sources.load_cifar(name, config.data_dir or None)
   elif name == 'imagenet2012':
     dataset = tfds_sources.load_imagenet(config.data_dir or None, fraction, process_index,
-                                         process_count, image_size)
+                                         process_count, image_size, streamed_image_dtype(platform))
   elif name.startswith(FOLDER_PREFIX):
     dataset = folder.load(name, fraction, int(config.validation_seed), process_index,
-                          process_count, image_size, bad_images, max_image_pixels)
+                          process_count, image_size, bad_images, max_image_pixels,
+                          streamed_image_dtype(platform))
   else:
     raise ValueError(f'Unknown dataset {name!r}: expected one of {DATASETS}.')
 
@@ -81,6 +85,14 @@ def load_dataset(config: Any, process_index: int = 0, process_count: int = 1) ->
   if not config.augment:
     dataset = dataset.with_preprocessing(augmentation='none')
   return dataset
+
+
+def streamed_image_dtype(platform: str | None = None) -> str:
+  """transforms.streamed_image_dtype of `platform`, by default JAX's default backend."""
+  if platform is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    platform = jax.default_backend()
+  return transforms.streamed_image_dtype(platform)
 
 
 def preprocessing_of(dataset_name: str | None,
@@ -109,7 +121,8 @@ def image_shape_of(dataset_name: str | None,
 
 
 def eval_transform(dataset_name: str | None, image_size: int = IMAGENET_IMAGE_SIZE,
-                   channels: int = 3) -> Callable[[np.ndarray], np.ndarray]:
+                   channels: int = 3,
+                   platform: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
   """The evaluation transform of one image of the dataset named `dataset_name`: uint8 (H, W,
   channels) pixels of any size -> float32 image_shape_of(dataset_name, image_size), exactly as
   the dataset's eval batches hold that image (see transforms.image_eval_transform).
@@ -117,9 +130,13 @@ def eval_transform(dataset_name: str | None, image_size: int = IMAGENET_IMAGE_SI
   fashion_mnist: 28x28 grey, cifar10/cifar100: 32x32 RGB (other sizes are first resized to
   these); imagenet2012 and folder:ROOT: RGB, shorter side resized to round(image_size * 256 /
   224), centre crop of image_size. ValueError for an unknown name (None included: a converted
-  model records no dataset) or when `channels` is not the dataset's.
+  model records no dataset) or when `channels` is not the dataset's. `platform`: as in
+  load_dataset, whose streamed eval batches round pixels to uint8 on a GPU or TPU.
   """
   preprocessing = preprocessing_of(dataset_name, image_size)
+  if preprocessing.image_size is not None:  # Streamed.
+    preprocessing = dataclasses.replace(preprocessing,
+                                        image_dtype=streamed_image_dtype(platform))
   image_shape = image_shape_of(dataset_name, image_size)
   if channels != image_shape[-1]:
     raise ValueError(f'{dataset_name} images have {image_shape[-1]} channel(s), not {channels}.')

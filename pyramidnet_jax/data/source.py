@@ -53,7 +53,9 @@ class Split(Protocol):
   def train_batches(self, batch_size: int, seed: int, epoch: int, start_index: int = 0,
                     prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
     """This process's part (batch_size // process_count examples) of global batches
-    [start_index, steps_per_epoch): {'image': float32 normalised, 'label': int32}."""
+    [start_index, steps_per_epoch): {'image', 'label': int32}, the images of
+    preprocessing.image_dtype: uint8 pixels, normalised by the jitted steps on the device, or
+    float32 normalised here."""
 
   def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every example once: this process's part of padded global batches, with 'mask' (float32,

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pyramidnet_jax.data import source
+from pyramidnet_jax.data import tf_import
 from pyramidnet_jax.data.transforms import Preprocessing
 
 
@@ -80,7 +81,7 @@ class AugmentationSeeds:
 
   def transform_kwargs(self, position: Any, preprocessing: Preprocessing) -> dict[str, Any]:
     """The train transform's seed and colour arguments for the example at `position`."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = tf_import.tensorflow()
 
     def seed(base):
       return tf.stack([tf.constant(base, tf.int64), tf.cast(position, tf.int64)])
@@ -95,7 +96,8 @@ def padded_eval_batches(batches: Iterator[dict[str, np.ndarray]], num_batches: i
   """`num_batches` batches of `batch_size` with a mask, padded as in-memory eval batches are.
 
   A batch's optional 'valid' entry (1 = real example) masks out examples inside it, whose
-  images become padding too.
+  images become padding too. `padding_pixel` (Preprocessing.padding_pixel) has the batches'
+  image dtype.
   """
   try:
     for _ in range(num_batches):
@@ -106,7 +108,7 @@ def padded_eval_batches(batches: Iterator[dict[str, np.ndarray]], num_batches: i
         mask[:real] = batch.get('valid', 1.0)
       if real < batch_size or not mask.all():
         # Padding looks like a black image after normalisation, as in the in-memory path.
-        images = np.empty((batch_size,) + tuple(image_shape), np.float32)
+        images = np.empty((batch_size,) + tuple(image_shape), padding_pixel.dtype)
         images[...] = padding_pixel
         labels = np.zeros(batch_size, np.int32)
         if real:

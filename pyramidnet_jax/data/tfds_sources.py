@@ -15,6 +15,7 @@ import numpy as np
 
 from pyramidnet_jax.data import source
 from pyramidnet_jax.data import streaming
+from pyramidnet_jax.data import tf_import
 from pyramidnet_jax.data import transforms
 from pyramidnet_jax.data.arrays import ArraySplit
 from pyramidnet_jax.data.source import Dataset
@@ -87,7 +88,7 @@ class TfdsSplit(streaming.StreamedSplit):
     Resuming skips the first start_index batches' records before decoding them, so the examples
     after them keep their positions and seeds. `prefetch` is tf.data's prefetch depth.
     """
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = tf_import.tensorflow()
 
     steps, seed, epoch = self._train_arguments(batch_size, seed, epoch, start_index)
     local_batch_size = self.local_batch_size(batch_size)
@@ -106,11 +107,11 @@ class TfdsSplit(streaming.StreamedSplit):
       jpeg, label = example
       if augment:
         image = transforms.imagenet_train_transform(
-            jpeg, mean=p.mean, std=p.std, size=p.image_size,
+            jpeg, mean=p.mean, std=p.std, size=p.image_size, image_dtype=p.image_dtype,
             **seeds.transform_kwargs(position, p))
       else:
         image = transforms.imagenet_eval_transform(jpeg, p.mean, p.std, p.image_size,
-                                                   p.resize_size)
+                                                   p.resize_size, p.image_dtype)
       return {'image': image, 'label': label}
 
     dataset = dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
@@ -121,7 +122,7 @@ class TfdsSplit(streaming.StreamedSplit):
   def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """Every example once, in file order: this process's shard in batches of batch_size /
     process_count with a 'mask', padded to eval_steps batches on every process."""
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf = tf_import.tensorflow()
 
     num_batches = self.eval_steps(batch_size)
     local_batch_size = self.local_batch_size(batch_size)
@@ -129,7 +130,7 @@ class TfdsSplit(streaming.StreamedSplit):
     dataset = self._read(train=False, file_seed=None)
     dataset = dataset.map(
         lambda jpeg, label: {'image': transforms.imagenet_eval_transform(
-            jpeg, p.mean, p.std, p.image_size, p.resize_size), 'label': label},
+            jpeg, p.mean, p.std, p.image_size, p.resize_size, p.image_dtype), 'label': label},
         num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.batch(local_batch_size).prefetch(2)
     return streaming.padded_eval_batches(streaming.numpy_batches(dataset), num_batches,
@@ -142,8 +143,8 @@ class TfdsSplit(streaming.StreamedSplit):
     fixed cycle and block length and runs deterministically, so the order is a function of the
     seed.
     """
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    tf = tf_import.tensorflow()
+    tfds = tf_import.tensorflow_datasets()
 
     options = tf.data.Options()
     options.deterministic = True
@@ -164,7 +165,7 @@ class TfdsSplit(streaming.StreamedSplit):
 
 def load_cifar(name: str, data_dir: str | None) -> Dataset:
   """'cifar10' or 'cifar100', both splits copied into memory."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = tf_import.tensorflow_datasets()
 
   builder = tfds.builder(name, data_dir=data_dir)
   splits = {split: _read_split(builder, split, data_dir) for split in ('train', 'test')}
@@ -177,8 +178,8 @@ def load_cifar(name: str, data_dir: str | None) -> Dataset:
 
 def _read_split(builder: Any, split: str, data_dir: str | None) -> ArraySplit:
   """Copies a prepared TFDS split into memory; never downloads."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tf = tf_import.tensorflow()
+  tfds = tf_import.tensorflow_datasets()
 
   # The missing-data check is as_dataset's own: builder.is_prepared() stays False under
   # tfds.testing.mock_data, which serves data all the same. as_dataset(batch_size=-1) is avoided
@@ -201,9 +202,10 @@ def _read_split(builder: Any, split: str, data_dir: str | None) -> ArraySplit:
 
 
 def load_imagenet(data_dir: str | None, validation_fraction: float, process_index: int,
-                  process_count: int,
-                  image_size: int = transforms.IMAGENET_IMAGE_SIZE) -> Dataset:
-  """ImageNet as streaming splits: train 'train', test 'validation' (the official 50,000).
+                  process_count: int, image_size: int = transforms.IMAGENET_IMAGE_SIZE,
+                  image_dtype: str = 'float32') -> Dataset:
+  """ImageNet as streaming splits: train 'train', test 'validation' (the official 50,000), in
+  batches of `image_dtype` images (transforms.streamed_image_dtype).
 
   The validation hold-out is the first round(fraction * N) examples of 'train', by TFDS split
   slicing. It is not stratified (unlike the in-memory datasets') and config.validation_seed is not
@@ -211,12 +213,12 @@ def load_imagenet(data_dir: str | None, validation_fraction: float, process_inde
   are a class-balanced-in-expectation random sample (~fraction of each class's ~1,300 images), and
   slicing lets each process read only its part without an index of labels.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = tf_import.tensorflow_datasets()
 
   name = 'imagenet2012'
   builder = tfds.builder(name, data_dir=data_dir)
   sizes = {split: _split_size(builder, split, data_dir) for split in ('train', 'validation')}
-  preprocessing = transforms.imagenet_preprocessing(image_size)
+  preprocessing = transforms.imagenet_preprocessing(image_size, image_dtype)
   make = functools.partial(TfdsSplit, name, preprocessing=preprocessing, data_dir=data_dir,
                            process_index=process_index, process_count=process_count)
   validation = None
@@ -238,7 +240,7 @@ def load_imagenet(data_dir: str | None, validation_fraction: float, process_inde
 
 def _split_size(builder: Any, split: str, data_dir: str | None) -> int:
   """Examples in a prepared TFDS split; a FileNotFoundError that says how to prepare it if not."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = tf_import.tensorflow()
 
   # As in _read_split, as_dataset is the test of whether the data is there: is_prepared() is
   # False under tfds.testing.mock_data, which serves data all the same.

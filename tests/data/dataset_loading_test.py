@@ -42,7 +42,7 @@ def test_cifar_loads_under_tfds_mock(name, num_classes, tmp_path):
   assert dataset.mean == tfds_sources.CIFAR_MEAN and dataset.std == tfds_sources.CIFAR_STD
   assert dataset.preprocessing.augmentation == 'cifar'
   batch = dataset.train.train_batch(8, seed=0, epoch=0, index=0)
-  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.float32
+  assert batch['image'].shape == (8, 32, 32, 3) and batch['image'].dtype == np.uint8
 
 
 def test_missing_cifar_says_tfds_build(tmp_path):

@@ -25,12 +25,6 @@ def id_split(num_examples, height=4, width=4, channels=1, augmentation='none', *
   return data.ArraySplit(images, ids, preprocessing=preprocessing, name='ids', **fields)
 
 
-def denormalize(images, mean, std):
-  """Back to uint8 pixel values (exact for values that came from uint8)."""
-  pixels = (images * np.asarray(std) + np.asarray(mean)) * 255.0
-  return np.rint(pixels).astype(np.uint8)
-
-
 def crop_candidates(image, padding):
   """Every crop (and its mirror) of the zero-padded image, shape (K, H, W, C)."""
   height, width = image.shape[:2]
@@ -61,7 +55,7 @@ def test_train_batch_is_pure_function_of_seed_epoch_index():
   again = split.train_batch(16, seed=7, epoch=3, index=2)
   chex.assert_shape(first['image'], (16, 4, 4, 1))
   chex.assert_shape(first['label'], (16,))
-  chex.assert_type([first['image'], first['label']], [np.float32, np.int32])
+  chex.assert_type([first['image'], first['label']], [np.uint8, np.int32])
   chex.assert_trees_all_equal(first, again)
   other_epoch = split.train_batch(16, seed=7, epoch=4, index=2)
   other_seed = split.train_batch(16, seed=8, epoch=3, index=2)
@@ -105,7 +99,7 @@ def test_every_example_once_per_epoch_with_its_own_image():
     labels = np.concatenate([b['label'] for b in batches])
     assert len(labels) == 100 and len(np.unique(labels)) == 100
     for batch in batches:  # Unaugmented images stay with their labels.
-      pixels = denormalize(batch['image'], split.preprocessing.mean, split.preprocessing.std)
+      pixels = batch['image']
       np.testing.assert_array_equal(pixels, np.broadcast_to(
           (batch['label'] % 256).astype(np.uint8)[:, None, None, None], pixels.shape))
     seen_per_epoch.append(labels)
@@ -149,18 +143,21 @@ def test_cifar_augmentation_through_train_batch():
                           preprocessing=tfds_sources.CIFAR_PREPROCESSING)
   mean, std = tfds_sources.CIFAR_MEAN, tfds_sources.CIFAR_STD
   batch = split.train_batch(32, seed=0, epoch=0, index=1)
-  pixels = denormalize(batch['image'], mean, std)
-  for pixel_image, label in zip(pixels, batch['label']):
+  assert batch['image'].dtype == np.uint8  # Normalised on the device.
+  for pixel_image, label in zip(batch['image'], batch['label']):
     assert len(matching_candidates(pixel_image, crop_candidates(images[label], 4))) == 1
-  # Padding is zero before normalisation, so it shows up as (0 - mean) / std.
-  padding_value = -np.asarray(mean, np.float32) / np.asarray(std, np.float32)
-  assert np.isclose(batch['image'], padding_value, atol=1e-6).all(axis=-1).any()
+  # Padding is zero (black); the images themselves have no zero pixel.
+  assert (batch['image'] == 0).all(axis=-1).any()
   # Preprocessing augmentation 'none' (config.augment=False): the same examples, uncropped.
   plain = dataclasses.replace(split, preprocessing=dataclasses.replace(
       split.preprocessing, augmentation='none')).train_batch(32, seed=0, epoch=0, index=1)
   np.testing.assert_array_equal(plain['label'], batch['label'])
-  np.testing.assert_allclose(plain['image'], transforms.normalize(images[batch['label']], mean,
-                                                                  std))
+  np.testing.assert_array_equal(plain['image'], images[batch['label']])
+  # image_dtype 'float32': the same pixels, normalised on the host.
+  on_host = dataclasses.replace(split, preprocessing=dataclasses.replace(
+      split.preprocessing, image_dtype='float32')).train_batch(32, seed=0, epoch=0, index=1)
+  assert on_host['image'].dtype == np.float32
+  np.testing.assert_array_equal(on_host['image'], transforms.normalize(batch['image'], mean, std))
 
 
 def test_normalize_math():
@@ -179,6 +176,8 @@ def test_preprocessing_and_split_checks():
     data.Preprocessing((0.5,), (0.25,), 'none', color_jitter=-0.1)
   with pytest.raises(ValueError, match='Unknown augmentation'):
     data.Preprocessing((0.5,), (0.25,), 'mixup')
+  with pytest.raises(ValueError, match='image_dtype'):
+    data.Preprocessing((0.5,), (0.25,), 'none', image_dtype='float16')
   with pytest.raises(ValueError, match='in-memory split takes augmentation'):
     id_split(4, augmentation='imagenet')
   with pytest.raises(ValueError, match='labels must be int32'):
@@ -204,13 +203,13 @@ def test_eval_batches_cover_every_example_once_with_mask():
   for batch in batches:
     chex.assert_shape(batch['image'], (5, 4, 4, 1))
     chex.assert_type([batch['image'], batch['label'], batch['mask']],
-                     [np.float32, np.int32, np.float32])
+                     [np.uint8, np.int32, np.float32])
   masks = np.concatenate([b['mask'] for b in batches])
   labels = np.concatenate([b['label'] for b in batches])
   np.testing.assert_array_equal(masks, [1.0] * 23 + [0.0] * 2)
   np.testing.assert_array_equal(labels[masks == 1], np.arange(23))
-  last_pixels = denormalize(batches[-1]['image'], (0.5,), (0.25,))
-  np.testing.assert_array_equal(last_pixels[:3, 0, 0, 0], [20, 21, 22])
+  last_pixels = batches[-1]['image']
+  np.testing.assert_array_equal(last_pixels[:, 0, 0, 0], [20, 21, 22, 0, 0])  # Black padding.
   exact = list(split.eval_batches(23))
   assert len(exact) == 1 and exact[0]['mask'].all()
   with pytest.raises(ValueError, match='batch_size'):
