@@ -174,13 +174,14 @@ def check_metadata(directory: str) -> None:
                            lambda v: isinstance(v, dict) and isinstance(v.get('model'), dict)
                            and 'num_classes' in v),
             'class_names.json': ('a list of names', lambda v: isinstance(v, list))}
+  from pyramidnet_jax.training import storage  # pylint: disable=g-import-not-at-top
+  base = directory if storage.is_remote(directory) else os.path.expanduser(directory)
   for name, (wanted, fits) in shapes.items():
-    path = os.path.join(os.path.expanduser(directory), name)
-    if not os.path.isfile(path):
+    path = storage.join(base, name)
+    if not storage.isfile(path):
       continue
     try:
-      with open(path, encoding='utf-8') as f:
-        value = json.load(f)
+      value = json.loads(storage.read_text(path))
     except ValueError as e:  # Damaged JSON or not text at all.
       raise ValueError(f'{path} cannot be read ({type(e).__name__}: {e}); restore it from a '
                        'backup, or train or convert again.') from None

@@ -10,11 +10,11 @@ that the authors' code loads (pyramidnet_jax/interop/torch_weights.py).
 
 from __future__ import annotations
 
-import os
 import warnings
 
 from pyramidnet_jax import cli
 from pyramidnet_jax.interop import torch_weights
+from pyramidnet_jax.training import storage
 
 
 def main(argv: list[str]) -> None:
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
   warnings.filterwarnings('ignore', category=UserWarning, module=r'torch\.')
   del argv
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  if os.path.isdir(FLAGS.checkpoint):
+  if storage.isdir(FLAGS.checkpoint):  # A local or gs:// workdir or model directory.
     cli.check_metadata(FLAGS.checkpoint)
     info = torch_weights.convert_to_torch_file(FLAGS.checkpoint, FLAGS.out)
     print(f'wrote {info["out"]}: a PyTorch state_dict of {info["model"]["name"]} '

@@ -1,12 +1,12 @@
 """A network on a whole split: metrics during training, logits for reports, a workdir's report.
 
-Every process feeds its own part of each padded global batch; the compiled step runs on all
-devices of all processes and returns replicated results, so every process sees the same numbers.
+Every process feeds its own part of each padded global batch, placed on the devices while the
+step before it runs (training/feeding.py); the compiled step runs on all devices of all processes
+and returns replicated results, so every process sees the same numbers.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
@@ -15,8 +15,10 @@ import numpy as np
 
 from pyramidnet_jax.evaluation import report
 from pyramidnet_jax.interop import loading
+from pyramidnet_jax.training import feeding
 from pyramidnet_jax.training import runtime as runtime_lib
 from pyramidnet_jax.training import step
+from pyramidnet_jax.training import storage
 
 REPORT_DIR = 'report'
 SPLITS = ('test', 'validation')
@@ -26,8 +28,10 @@ def split_metrics(runtime: runtime_lib.Runtime, state: Any, split: Any,
                   batch_size: int) -> dict[str, float]:
   """Mean loss, top-1 and top-5 accuracy over `split` (a data.Split), summed on the devices."""
   totals = None
-  for batch in split.eval_batches(batch_size):
-    sums = runtime.eval_step(state, runtime.put_batch(batch))
+  feed = feeding.DeviceFeed(split.eval_batches(batch_size), runtime.put_batch)
+  for batch in feed:
+    sums = runtime.eval_step(state, batch)
+    feed.dispatched(sums)
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   count = float(totals['count'])
@@ -43,8 +47,11 @@ def split_logits(runtime: runtime_lib.Runtime, state: Any, split: Any,
   process order).
   """
   logits, labels = [], []
-  for batch in split.eval_batches(batch_size):
-    out = jax.device_get(runtime.logits_step(state, runtime.put_batch(batch)))
+  feed = feeding.DeviceFeed(split.eval_batches(batch_size), runtime.put_batch)
+  for batch in feed:
+    out = runtime.logits_step(state, batch)
+    feed.dispatched(out)  # The next batch crosses to the devices while this one runs.
+    out = jax.device_get(out)
     real = out['mask'] > 0
     logits.append(np.asarray(out['logits'])[real])
     labels.append(np.asarray(out['label'])[real])
@@ -79,18 +86,19 @@ def evaluate_workdir(workdir: str, which: str = 'best', split_name: str = 'test'
   devices = jax.device_count()
   if batch_size % devices:
     batch_size += devices - batch_size % devices  # Keep every device equally fed.
-  runtime = runtime_lib.create_runtime(config, eval_batch_size=batch_size)
+  runtime = runtime_lib.create_runtime(config, eval_batch_size=batch_size,
+                                       preprocessing=dataset.preprocessing)
   # From host memory: every process holds the same variables, placed on all devices.
   state = jax.device_put(step.InferenceState(apply_fn=loaded.model.apply,
                                              **jax.device_get(loaded.variables)),
                          runtime.replicated)
   logits, labels = split_logits(runtime, state, split, batch_size)
   metrics = report.classification_metrics(logits, labels, class_names_or_numbers(dataset))
-  extra = {'workdir': os.path.abspath(workdir), 'checkpoint': loaded.path, 'step': loaded.step,
+  extra = {'workdir': storage.absolute(workdir), 'checkpoint': loaded.path, 'step': loaded.step,
            'split': split_name, 'dataset': config.dataset, 'model': loaded.model_config}
   files = {}
   if write and jax.process_index() == 0:
-    records = report.read_metrics_log(os.path.join(workdir, 'metrics.jsonl'))
-    files = report.write_report(out_dir or os.path.join(workdir, REPORT_DIR), metrics, records,
+    records = report.read_metrics_log(storage.join(workdir, 'metrics.jsonl'))
+    files = report.write_report(out_dir or storage.join(workdir, REPORT_DIR), metrics, records,
                                 extra)
   return {**metrics, 'files': files, 'step': loaded.step, 'checkpoint': loaded.path}

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any, Sequence
 
 import numpy as np
+
+from pyramidnet_jax.training import storage
 
 # The figures are drawn on matplotlib Figure objects (Agg canvas) rather than through pyplot, so
 # no global backend is switched in the caller's process and no figure outlives its function.
@@ -91,10 +92,10 @@ def read_metrics_log(path: str) -> list[dict[str, Any]]:
   the later line is the one from the run that carried on. Records come out ordered by step, train
   before validation. A missing file gives an empty list.
   """
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return []
   latest: dict[tuple[str, int], dict[str, Any]] = {}
-  with open(path) as f:
+  with storage.open_text(path) as f:
     for number, line in enumerate(f, 1):
       line = line.strip()
       if not line:
@@ -182,7 +183,7 @@ def plot_training_curves(records: Sequence[dict[str, Any]], path: str) -> str:
     ax.set_xticks([])
     ax.set_yticks([])
   fig.tight_layout()
-  fig.savefig(path, format='png')
+  storage.save_figure(fig, path)
   return path
 
 
@@ -228,7 +229,7 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]] | np.ndarray, class_na
         ax.text(j, i, text, ha='center', va='center', fontsize=8,
                 color='white' if values[i, j] > threshold else 'black')
   fig.tight_layout()
-  fig.savefig(path, format='png')
+  storage.save_figure(fig, path)
   return path
 
 
@@ -306,27 +307,25 @@ def _markdown(metrics, extra, files, gaps):
 def write_report(outdir: str, metrics: dict[str, Any], records: list[dict[str, Any]] | None,
                  extra: dict[str, Any] | None = None) -> dict[str, str]:
   """Writes report.json, report.md and the PNGs into `outdir`; returns {kind: path}."""
-  os.makedirs(outdir, exist_ok=True)
+  storage.makedirs(outdir)
   extra = dict(extra or {})
   clashes = sorted(set(extra) & (set(metrics) | {'accuracy_gap'}))
   if clashes:
     raise ValueError(f'Extra report fields {clashes} would overwrite metrics.')
-  files = {'json': os.path.join(outdir, 'report.json'),
-           'markdown': os.path.join(outdir, 'report.md'),
-           'confusion_matrix': os.path.join(outdir, 'confusion_matrix.png')}
+  files = {'json': storage.join(outdir, 'report.json'),
+           'markdown': storage.join(outdir, 'report.md'),
+           'confusion_matrix': storage.join(outdir, 'confusion_matrix.png')}
   plot_confusion_matrix(metrics['confusion_matrix'], metrics['class_names'],
                         files['confusion_matrix'])
   gaps = []
   if records:
     files['training_curves'] = plot_training_curves(
-        records, os.path.join(outdir, 'training_curves.png'))
+        records, storage.join(outdir, 'training_curves.png'))
     gaps = accuracy_gap(records)
   report = {**metrics, **extra}
   if records:
     report['accuracy_gap'] = gaps
-  with open(files['json'], 'w') as f:
-    json.dump(report, f, indent=2, default=_json_default)
-    f.write('\n')
-  with open(files['markdown'], 'w') as f:
-    f.write(_markdown(metrics, extra, files, gaps))
+  storage.write_atomically(files['json'],
+                           json.dumps(report, indent=2, default=_json_default) + '\n')
+  storage.write_atomically(files['markdown'], _markdown(metrics, extra, files, gaps))
   return files

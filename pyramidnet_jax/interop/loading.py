@@ -58,14 +58,15 @@ def load(path: str, which: str = 'best') -> tuple[Any, dict[str, Any]]:
 
 def load_info(path: str, which: str = 'best') -> Loaded:
   """Like `load`, with what the directory says about the data and the checkpoint."""
-  path = os.path.expanduser(path)
+  from pyramidnet_jax.training import storage  # pylint: disable=g-import-not-at-top
+  path = path if storage.is_remote(path) else os.path.expanduser(path)  # Or gs://...
   if which not in ('best', 'latest'):
     raise ValueError(f'which must be "best" or "latest", got {which!r}.')
-  if os.path.isfile(os.path.join(path, MODEL_FILE)):
+  if storage.isfile(storage.join(path, MODEL_FILE)):
     return _load_model_directory(path)
-  if os.path.isfile(os.path.join(path, 'config.json')):
+  if storage.isfile(storage.join(path, 'config.json')):
     return _load_workdir(path, which)
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f'{path} does not exist.')
   raise FileNotFoundError(
       f'{path} is neither a training workdir (no config.json) nor a converted model directory '
@@ -75,14 +76,15 @@ def load_info(path: str, which: str = 'best') -> Loaded:
 def _load_workdir(workdir: str, which: str) -> Loaded:
   import ml_collections  # pylint: disable=g-import-not-at-top
   from pyramidnet_jax.training import checkpoints  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(workdir, 'config.json')) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  from pyramidnet_jax.training import storage  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(json.loads(storage.read_text(
+      storage.join(workdir, 'config.json'))))
   chosen = None
   for kind in ((checkpoints.BEST, checkpoints.LATEST) if which == 'best' else (checkpoints.LATEST,)):
-    directory = os.path.join(workdir, kind)
+    directory = storage.join(workdir, kind)
     steps = _steps(directory)
     if steps:
-      chosen = os.path.join(directory, str(steps[-1]), 'state')
+      chosen = storage.join(directory, str(steps[-1]), 'state')
       step = steps[-1]
       break
   if chosen is None:
@@ -91,10 +93,9 @@ def _load_workdir(workdir: str, which: str) -> Loaded:
   variables = restore_variables(chosen)
   model_config = {**MODEL_DEFAULTS, **config.model.to_dict()}
   num_classes = int(variables['params']['fc']['bias'].shape[0])
-  names_file = os.path.join(workdir, 'class_names.json')  # training.loop.CLASS_NAMES_FILE
-  if os.path.isfile(names_file):
-    with open(names_file) as f:
-      class_names = tuple(json.load(f))
+  names_file = storage.join(workdir, 'class_names.json')  # training.loop.CLASS_NAMES_FILE
+  if storage.isfile(names_file):
+    class_names = tuple(json.loads(storage.read_text(names_file)))
   else:  # A workdir from before the file was written.
     class_names = class_names_of(config.dataset, num_classes, config.get('data_dir'))
   return Loaded(model=build_model(model_config, num_classes), variables=variables,
@@ -117,16 +118,21 @@ def _load_model_directory(directory: str) -> Loaded:
 
 
 def _steps(directory: str) -> list[int]:
-  if not os.path.isdir(directory):
+  """The committed steps (on an object store, those with Orbax's commit file)."""
+  from pyramidnet_jax.training import storage  # pylint: disable=g-import-not-at-top
+  if not storage.isdir(directory):
     return []
-  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+  return sorted(int(name) for name in storage.listdir(directory) if name.isdigit() and (
+      not storage.is_remote(directory)
+      or storage.exists(storage.join(directory, name, 'commit_success.txt'))))
 
 
 def restore_variables(directory: str) -> dict[str, Any]:
   """params and batch_stats of the Orbax pytree in `directory`, on the first local device."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  directory = os.path.abspath(directory)  # Orbax finds no metadata under a relative path.
+  from pyramidnet_jax.training import storage  # pylint: disable=g-import-not-at-top
+  directory = storage.absolute(directory)  # Orbax finds no metadata under a relative path.
   checkpointer = ocp.PyTreeCheckpointer()
   try:
     # The handler reads an item directory's tree metadata directly (the checkpointer would look

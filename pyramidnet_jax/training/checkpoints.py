@@ -16,12 +16,13 @@ step saves three items:
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from pyramidnet_jax.training import storage
 
 LATEST = 'checkpoints'
 BEST = 'best'
@@ -45,13 +46,13 @@ class CorruptCheckpoint(Exception):
 def create_manager(workdir: str, kind: str = LATEST,
                    max_to_keep: int | None = 2) -> ocp.CheckpointManager:
   """The manager of WORKDIR/kind; max_to_keep None keeps every step (deleted by the caller)."""
-  directory = os.path.join(os.path.abspath(workdir), kind)
+  directory = storage.join(storage.absolute(workdir), kind)
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
   return ocp.CheckpointManager(directory, options=options, item_names=('state', 'meta', 'timing'))
 
 
 def step_path(manager: ocp.CheckpointManager, step: int) -> str:
-  return os.path.join(str(manager.directory), str(step))
+  return storage.join(str(manager.directory), str(step))
 
 
 def digests(state: Any) -> dict[str, str]:
@@ -105,7 +106,7 @@ def wait(manager: ocp.CheckpointManager, step: int) -> None:
     raise CheckpointError(
         f'Saving the checkpoint {path} failed ({brief(e)}). The workdir still resumes from its '
         'last complete checkpoint: fix the cause and run the same command again.') from e
-  if not os.path.isdir(path):
+  if not storage.isdir(path):
     raise CheckpointError(
         f'Saving the checkpoint {path} failed (Orbax did not commit it; its log above says '
         'why). The workdir still resumes from its last complete checkpoint: fix the cause and '
@@ -125,7 +126,7 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
 
 def read_timing(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
   """The timing of `step` ({} for a checkpoint saved without one)."""
-  if not os.path.isdir(os.path.join(step_path(manager, step), 'timing')):
+  if not storage.isdir(storage.join(step_path(manager, step), 'timing')):
     return {}
   try:
     return manager.restore(step, args=ocp.args.Composite(timing=ocp.args.JsonRestore()))['timing']

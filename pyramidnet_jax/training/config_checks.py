@@ -13,6 +13,7 @@ import math
 from typing import Any, Callable
 
 from pyramidnet_jax.data import registry
+from pyramidnet_jax.models import platforms
 from pyramidnet_jax.models import presets
 
 INF = math.inf
@@ -22,9 +23,11 @@ INF = math.inf
 class Rule:
   """What one field may hold.
 
-  kind: 'bool', 'int' (a whole number), 'number', 'str', 'choice' (one of `choices`) or
-  'epochs' (a tuple of non-negative, strictly increasing numbers). Numbers lie in the interval
-  from `low` to `high`, each end included unless `open_low` / `open_high`.
+  kind: 'bool', 'int' (a whole number), 'number', 'str', 'choice' (one of `choices`),
+  'auto_int' ('auto' or a whole number), 'epochs' (a tuple of non-negative, strictly
+  increasing numbers) or 'step_window' (() or (start, stop), whole numbers, 0 <= start < stop).
+  Numbers lie in the interval from `low` to `high`, each end included unless `open_low` /
+  `open_high`.
   """
   field: str
   kind: str
@@ -44,6 +47,11 @@ class Rule:
       return 'one of ' + ', '.join(map(repr, self.choices))
     if self.kind == 'epochs':
       return 'a tuple of non-negative, strictly increasing numbers, e.g. (150, 225) or ()'
+    if self.kind == 'step_window':
+      return '() or (start, stop), whole numbers with 0 <= start < stop, e.g. (100, 110)'
+    if self.kind == 'auto_int':
+      return "'auto' or " + Rule(self.field, 'int', self.low, self.high, self.open_low,
+                                 self.open_high).allowed()
     what = 'a whole number' if self.kind == 'int' else 'a number'
     if self.low == -INF and self.high == INF:
       return what
@@ -64,7 +72,16 @@ class Rule:
     if self.kind == 'epochs':
       return (isinstance(value, (tuple, list)) and all(_is_number(b) and b >= 0 for b in value)
               and all(a < b for a, b in zip(value, value[1:])))
-    if not _is_number(value) or (self.kind == 'int' and value != int(value)):
+    if self.kind == 'step_window':
+      return (isinstance(value, (tuple, list)) and
+              (not value or (len(value) == 2 and all(_is_whole(b) for b in value)
+                             and 0 <= value[0] < value[1])))
+    if self.kind == 'auto_int':
+      if value == 'auto':
+        return True
+      if not isinstance(value, int):  # The model needs a Python int, not 8.0.
+        return False
+    if not _is_number(value) or (self.kind in ('int', 'auto_int') and value != int(value)):
       return False
     above = value > self.low if self.open_low else value >= self.low
     below = value < self.high if self.open_high else value <= self.high
@@ -73,6 +90,10 @@ class Rule:
 
 def _fmt(x: float) -> str:
   return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _is_whole(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -102,8 +123,9 @@ RULES: tuple[Rule, ...] = (
     _choice('model.rounding', 'half_up', 'half_even'),
     Rule('model.dropout_rate', 'number', **_FRACTION),
     _bool('model.remat'),
-    Rule('model.channel_multiple', 'int', low=1),
-    _choice('model.dtype', *sorted(presets.DTYPES)),
+    Rule('model.channel_multiple', 'auto_int', low=1),
+    _choice('model.dtype', *platforms.DTYPE_CHOICES),
+    Rule('model.bn_group_size', 'int', low=0),  # Divides batch_size: CROSS_RULES.
     Rule('dataset', 'str'),  # Its name is checked in CROSS_RULES, to allow folder:ROOT.
     Rule('data_dir', 'str'),
     _bool('augment'),
@@ -137,6 +159,7 @@ RULES: tuple[Rule, ...] = (
     Rule('log_every_steps', 'int', low=1),
     _bool('progress_bar'),
     _bool('write_report'),
+    Rule('profile_steps', 'step_window', optional=True),
     Rule('compilation_cache_dir', 'str'),
     _choice('cpu_conv', 'auto', 'onednn', 'xla'),
     _bool('xla_cpu_concurrency_scheduler'),
@@ -167,6 +190,15 @@ def _early_stopping(c) -> str | None:
   return None
 
 
+def _bn_groups(c) -> str | None:
+  size = c.model.bn_group_size
+  if size and c.batch_size % size:
+    return (f'config.model.bn_group_size = {size}: must divide config.batch_size = '
+            f'{c.batch_size} (BatchNorm statistics over groups of that many consecutive examples '
+            'of the global batch; 0: the whole batch)')
+  return None
+
+
 def _streamed_only(c) -> str | None:
   name = c.dataset
   if name == 'imagenet2012' or name.startswith(registry.FOLDER_PREFIX):
@@ -183,7 +215,7 @@ def _streamed_only(c) -> str | None:
 
 # Checks of two fields or more, run once every field alone has passed RULES.
 CROSS_RULES: tuple[Callable[[Any], str | None], ...] = (
-    _dataset_name, _epochs_or_steps, _early_stopping, _streamed_only)
+    _dataset_name, _epochs_or_steps, _early_stopping, _bn_groups, _streamed_only)
 
 
 def problems(config) -> list[str]:

@@ -8,6 +8,7 @@ uninterrupted one exactly.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import os
@@ -21,18 +22,22 @@ import numpy as np
 
 from pyramidnet_jax import data
 from pyramidnet_jax import models
+from pyramidnet_jax.models import platforms
 from pyramidnet_jax.evaluation import evaluator
 from pyramidnet_jax.evaluation import report
 from pyramidnet_jax.training import checkpoints
 from pyramidnet_jax.training import config_checks
+from pyramidnet_jax.training import feeding
 from pyramidnet_jax.training import metrics_log
 from pyramidnet_jax.training import optimizer
 from pyramidnet_jax.training import resume
 from pyramidnet_jax.training import runtime as runtime_lib
+from pyramidnet_jax.training import storage
 from pyramidnet_jax.training import workdir as workdir_lib
 
 CLASS_NAMES_FILE = 'class_names.json'
 RESULTS_FILE = 'results.json'
+PROFILE_DIR = 'profile'  # config.profile_steps' trace, under the workdir.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -69,7 +74,8 @@ def _train_and_evaluate(config, workdir, start_time) -> dict[str, Any]:
   model = models.from_config(config.model, dataset.num_classes)
   learning_rate_fn = optimizer.create_learning_rate_fn(config, steps_per_epoch, total_steps)
   tx = optimizer.create_optimizer(config, learning_rate_fn)
-  runtime = runtime_lib.create_runtime(config, learning_rate_fn)
+  runtime = runtime_lib.create_runtime(config, learning_rate_fn,
+                                       preprocessing=dataset.preprocessing)
   state = runtime_lib.create_train_state(config, model, dataset.image_shape, tx, runtime)
 
   names_file = os.path.join(workdir, CLASS_NAMES_FILE)
@@ -81,7 +87,7 @@ def _train_and_evaluate(config, workdir, start_time) -> dict[str, Any]:
     state, meta = resumed.state, resumed.meta
     logging.info('Resumed from %s at step %d.', saved.latest.directory, resumed.step)
   else:
-    meta = {'model': config.model.to_dict(), 'dataset': config.dataset, 'step': 0, 'epoch': 0,
+    meta = {'model': _trained_model(config), 'dataset': config.dataset, 'step': 0, 'epoch': 0,
             'best_accuracy': None, 'best_epoch': None, 'best_step': None, 'bad_epochs': 0,
             'stopped_early': False}
   # The run's classes, for the check at a resume, and for predict and load (names without
@@ -99,6 +105,9 @@ def _train_and_evaluate(config, workdir, start_time) -> dict[str, Any]:
   # The running sums of this epoch's train metrics, saved with every checkpoint, so that a
   # resumed run's epoch summary covers the steps taken before the resume too.
   sums, counted = dict(meta.get('epoch_sums') or {}), int(meta.get('epoch_steps', 0))
+  profile = feeding.ProfileWindow(config.get('profile_steps'), storage.join(workdir, PROFILE_DIR),
+                                  enabled=is_chief)
+  batches = None
   try:
     while step < total_steps and not meta['stopped_early']:
       epoch = step // steps_per_epoch
@@ -106,13 +115,22 @@ def _train_and_evaluate(config, workdir, start_time) -> dict[str, Any]:
       last_index = min(steps_per_epoch, first_index + total_steps - step)
       batches = dataset.train.train_batches(config.batch_size, config.seed, epoch,
                                             start_index=first_index)
+      # The epoch's batches from first_index on, each placed on the devices during the step
+      # before it; the host iterator is closed on every way out.
+      feed = feeding.DeviceFeed(itertools.islice(batches, last_index - first_index),
+                                runtime.put_batch)
+      throughput = feeding.Throughput(config.batch_size, feed)
       history = []
       progress = _progress(config, epoch, num_epochs, first_index, last_index)
       for index in range(first_index, last_index):
-        batch = next(batches)
-        state, metrics = runtime.train_step(state, runtime.put_batch(batch))
+        batch = next(feed)
+        profile.before_step(step)
+        state, metrics = runtime.train_step(state, batch)
+        feed.dispatched(metrics)
         history.append(metrics)
         step += 1
+        throughput.step_done()
+        profile.after_step(step, metrics)
         progress.update(1)
         at_log = step % config.log_every_steps == 0 or index + 1 == last_index
         # The last step is saved too, so a run that ends mid-epoch can be continued from it.
@@ -126,13 +144,20 @@ def _train_and_evaluate(config, workdir, start_time) -> dict[str, Any]:
               sums[name] = sums.get(name, 0.0) + float(value)
           counted += len(fetched)
           history = []
-          log.write(step, 'train', summary, epoch=epoch + 1)
-          progress.set_postfix(loss=f'{summary["loss"]:.4f}', acc=f'{summary["accuracy"]:.4f}')
+          speed = throughput.interval()
+          log.write(step, 'train', {**summary, **speed}, epoch=epoch + 1)
+          progress.set_postfix(loss=f'{summary["loss"]:.4f}', acc=f'{summary["accuracy"]:.4f}',
+                               img_s=f'{speed["images_per_s"]:,.0f}',
+                               input=f'{100 * speed["input_wait"]:.0f}%')
+          logging.info('step %d: loss %.4f, accuracy %.4f; %s', step, summary['loss'],
+                       summary['accuracy'], feeding.describe(speed))
         if at_save and index + 1 < steps_per_epoch:
-          saved.save_latest(step, state, {**meta, 'step': step, 'epoch': epoch,
-                                          'epoch_sums': sums, 'epoch_steps': counted}, timing())
+          with throughput.paused():
+            saved.save_latest(step, state, {**meta, 'step': step, 'epoch': epoch,
+                                            'epoch_sums': sums, 'epoch_steps': counted}, timing())
       progress.close()
       batches.close()
+      del batch  # The epoch's last batch leaves the devices before validation.
       if last_index < steps_per_epoch:
         break  # num_train_steps ended mid-epoch.
       train_summary = {name: total / counted for name, total in sums.items()}
@@ -148,8 +173,11 @@ def _train_and_evaluate(config, workdir, start_time) -> dict[str, Any]:
     saved.settle()
   except BaseException:
     saved.abandon()
+    if batches is not None:
+      batches.close()  # Ends the host pipeline's threads now, not at garbage collection.
     raise
   finally:
+    profile.close()
     log.close()
 
   # The test evaluation uses the best-on-validation state when there is one.
@@ -185,9 +213,14 @@ def _train_and_evaluate(config, workdir, start_time) -> dict[str, Any]:
   return results
 
 
+def _trained_model(config) -> dict[str, Any]:
+  """config.model with 'auto' resolved for this platform, as checkpoints and reports record it."""
+  return platforms.resolved_model_config(config.model.to_dict())
+
+
 def _check_resumable(config, dataset, workdir, names_file, meta) -> None:
   """ValueError where this config cannot continue the checkpoint whose meta this is."""
-  differences = checkpoints.config_differences(meta['model'], config.model.to_dict())
+  differences = checkpoints.config_differences(meta['model'], _trained_model(config))
   if meta.get('dataset') != config.dataset:
     differences.append(f'dataset: checkpoint has {meta.get("dataset")!r}, config has '
                        f'{config.dataset!r}')
@@ -208,11 +241,11 @@ def _write_report(workdir, config, dataset, logits, labels, evaluated_step) -> N
   kind = checkpoints.BEST if dataset.validation is not None else checkpoints.LATEST
   metrics = report.classification_metrics(logits, labels,
                                           evaluator.class_names_or_numbers(dataset))
-  extra = {'workdir': os.path.abspath(workdir),
-           'checkpoint': os.path.join(os.path.abspath(workdir), kind, str(evaluated_step),
+  extra = {'workdir': storage.absolute(workdir),
+           'checkpoint': os.path.join(storage.absolute(workdir), kind, str(evaluated_step),
                                       'state'),
            'step': evaluated_step, 'split': 'test', 'dataset': config.dataset,
-           'model': config.model.to_dict()}
+           'model': _trained_model(config)}
   records = report.read_metrics_log(os.path.join(workdir, metrics_log.METRICS_FILE))
   report.write_report(os.path.join(workdir, evaluator.REPORT_DIR), metrics, records, extra)
 

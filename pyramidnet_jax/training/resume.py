@@ -23,6 +23,9 @@ resumes to the uninterrupted run's numbers:
   not keep checkpoints stops the run at its first save, not at its end.
 In a multi-process run every process reads and restores (Orbax restores collectively) and reaches
 the same verdicts from the same files; process 0 alone moves files, between barriers.
+On an object store (gs://), which has no rename, Orbax writes a step in place and marks it
+finished with a commit file last: a step without one is an unfinished save, deleting removes
+that file first, and moving aside copies (see storage.move_tree).
 """
 
 from __future__ import annotations
@@ -31,13 +34,13 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from typing import Any, Callable
 
 from absl import logging
 import jax
 
 from pyramidnet_jax.training import checkpoints
+from pyramidnet_jax.training import storage
 from pyramidnet_jax.training.checkpoints import BEST
 from pyramidnet_jax.training.checkpoints import CheckpointError
 from pyramidnet_jax.training.checkpoints import CorruptCheckpoint
@@ -48,6 +51,8 @@ CORRUPTED_DIR = 'corrupted'
 UNFINISHED = '.orbax-checkpoint-tmp'
 # write_atomically's temporary files, of the files the loop writes so.
 _ATOMIC_TEMPORARY = re.compile(r'(results\.json|class_names\.json|metrics\.jsonl)\.tmp\d+')
+# The object Orbax writes last into a step saved on an object store, where it cannot rename.
+COMMIT_FILE = 'commit_success.txt'
 
 
 @dataclasses.dataclass
@@ -63,7 +68,7 @@ class RunCheckpoints:
   """WORKDIR/checkpoints and WORKDIR/best, saved and repaired together (see the module doc)."""
 
   def __init__(self, workdir: str, checkpoints_to_keep: int):
-    self.workdir = os.path.abspath(workdir)
+    self.workdir = storage.absolute(workdir)
     _as_chief(lambda: _remove_unfinished(self.workdir), 'remove_unfinished')
     # Both are pruned here, not by Orbax, whose deletion a kill can leave half done: a step is
     # renamed to an unfinished save's name first, so start-up finishes its removal.
@@ -247,26 +252,29 @@ class RunCheckpoints:
     doomed = f'{path}{UNFINISHED}-deleted'
 
     def delete():
+      if storage.is_remote(path):
+        storage.remove_tree(path, COMMIT_FILE)  # Unfinished once its commit file is gone.
+        return
       if os.path.exists(doomed):
-        shutil.rmtree(doomed)
+        storage.rmtree(doomed)
       os.rename(path, doomed)  # Atomic: a kill leaves the step whole, or an unfinished save.
-      shutil.rmtree(doomed)
-    _as_chief(delete, f'delete_{os.path.basename(str(manager.directory))}_{step}')
+      storage.rmtree(doomed)
+    _as_chief(delete, f'delete_{_kind(manager)}_{step}')
     manager.reload()
 
   def _move_aside(self, manager, step: int, reason: str) -> str:
     """Moves a damaged step directory to WORKDIR/corrupted/<kind>-<step>; returns where."""
     source = checkpoints.step_path(manager, step)
-    kind = os.path.basename(str(manager.directory))
-    target = os.path.join(self.workdir, CORRUPTED_DIR, f'{kind}-{step}')
+    kind = _kind(manager)
+    target = storage.join(self.workdir, CORRUPTED_DIR, f'{kind}-{step}')
     suffix = 1
-    while os.path.exists(target):
+    while storage.exists(target):
       suffix += 1
-      target = os.path.join(self.workdir, CORRUPTED_DIR, f'{kind}-{step}.{suffix}')
+      target = storage.join(self.workdir, CORRUPTED_DIR, f'{kind}-{step}.{suffix}')
 
     def move():
-      os.makedirs(os.path.dirname(target), exist_ok=True)
-      os.rename(source, target)
+      storage.makedirs(storage.join(self.workdir, CORRUPTED_DIR))
+      storage.move_tree(source, target, COMMIT_FILE)
     _as_chief(move, f'move_aside_{kind}_{step}')
     manager.reload()
     logging.warning('The checkpoint %s is damaged (%s): moved to %s.', source, reason, target)
@@ -282,27 +290,32 @@ def _check_layout(meta: dict[str, Any], layout: str, path: str) -> None:
         'config it was trained with, or use a new --workdir.')
 
 
+def _kind(manager) -> str:
+  return str(manager.directory).rstrip('/').rsplit('/', 1)[-1]
+
+
 def _without_digests(meta: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in meta.items() if k not in (checkpoints.DIGEST, checkpoints.LAYOUT)}
 
 
 def _remove_unfinished(workdir: str) -> None:
   """Removes what killed runs left half made: saves, deletions, files written atomically."""
-  if os.path.isdir(workdir):
-    for name in sorted(os.listdir(workdir)):
+  if storage.isdir(workdir):
+    for name in storage.listdir(workdir):
       if _ATOMIC_TEMPORARY.fullmatch(name):
         logging.warning('Removing %s: a file that a stopped run never finished writing.',
-                        os.path.join(workdir, name))
-        os.remove(os.path.join(workdir, name))
+                        storage.join(workdir, name))
+        storage.remove(storage.join(workdir, name))
   for kind in (LATEST, BEST):
-    directory = os.path.join(workdir, kind)
-    if not os.path.isdir(directory):
+    directory = storage.join(workdir, kind)
+    if not storage.isdir(directory):
       continue
-    for name in sorted(os.listdir(directory)):
-      if UNFINISHED in name:
-        logging.warning('Removing %s: a save that a stopped run never finished.',
-                        os.path.join(directory, name))
-        shutil.rmtree(os.path.join(directory, name))
+    for name in storage.listdir(directory):
+      path = storage.join(directory, name)
+      if UNFINISHED in name or (storage.is_remote(path) and name.isdigit()
+                                and not storage.exists(storage.join(path, COMMIT_FILE))):
+        logging.warning('Removing %s: a save that a stopped run never finished.', path)
+        storage.rmtree(path)
 
 
 def _as_chief(action: Callable[[], None], name: str) -> None:
@@ -321,9 +334,8 @@ def check_class_names(meta: dict[str, Any], class_names: tuple[str, ...], workdi
                       names_file: str) -> None:
   """ValueError naming the classes added and removed since the run started, if any."""
   started = meta.get('class_names')
-  if started is None and os.path.isfile(names_file):
-    with open(names_file) as f:
-      started = json.load(f)
+  if started is None and storage.isfile(names_file):
+    started = json.loads(storage.read_text(names_file))
   if started is None or list(started) == list(class_names):
     return
   added = [n for n in class_names if n not in started]
@@ -340,9 +352,9 @@ def check_class_names(meta: dict[str, Any], class_names: tuple[str, ...], workdi
 def truncate_metrics(path: str, step: int) -> None:
   """Keeps the records of steps up to `step` (those the resumed run does not repeat): a killed
   run may have logged steps after its last checkpoint, and half a line."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     return
-  with open(path) as f:
+  with storage.open_text(path) as f:
     lines = f.readlines()
   kept = []
   for line in lines:

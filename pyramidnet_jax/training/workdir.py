@@ -3,6 +3,8 @@
 - `check_path`: refuses a path the checkpoint library cannot represent, an existing file, or a
   place this process cannot write, before anything is trained.
 - `locked`: one training per workdir; a second is refused at once, naming the holder.
+A workdir may be local or on an object store (--workdir=gs://bucket/run): every file goes
+through `storage` (etils.epath), and the lock through `remote_lock` there.
 - `record_config`: config.json describes the run from its first step; a resume must use the same
   training-relevant fields, and the few changes allowed are recorded in config_changes.jsonl.
 """
@@ -19,6 +21,9 @@ import socket
 import sys
 from typing import Any, Iterator, Sequence
 
+from pyramidnet_jax.training import remote_lock
+from pyramidnet_jax.training import storage
+
 CONFIG_FILE = 'config.json'
 CHANGES_FILE = 'config_changes.jsonl'
 LOCK_FILE = 'lock'
@@ -27,14 +32,17 @@ LOCK_FILE = 'lock'
 # to log and save, how to compile, where the data is read from, the evaluation batch size.
 FREE_FIELDS = frozenset((
     'progress_bar', 'log_every_steps', 'checkpoint_every_steps', 'checkpoints_to_keep',
-    'write_report', 'compilation_cache_dir', 'cpu_conv', 'xla_cpu_concurrency_scheduler',
-    'cpu_keep_freed_memory', 'data_dir', 'eval_batch_size'))
+    'write_report', 'profile_steps', 'compilation_cache_dir', 'cpu_conv',
+    'xla_cpu_concurrency_scheduler', 'cpu_keep_freed_memory', 'data_dir', 'eval_batch_size'))
 # Fields that only decide where the run stops, so the steps already taken stay those of the run
 # described: extending a run, or stopping it earlier or later. Every other field (model, data,
 # augmentation, batch size, schedule, optimiser, seed, ...) shapes the steps already taken, and
 # so needs a new workdir.
 CHANGEABLE_FIELDS = ('num_epochs', 'num_train_steps', 'early_stopping_patience',
                      'early_stopping_min_delta')
+# Training fields added after workdirs were written, with the value that computes what a config
+# without them computed: a config.json that lacks one compares as holding that value.
+ADDED_FIELDS = {'model.bn_group_size': 0}
 
 # Orbax reads its own files back through glob patterns of the whole path, so a '[...]' class,
 # a backslash or '**' in the path makes it miss them: training runs and the first restore fails.
@@ -51,13 +59,16 @@ def check_path(workdir: str) -> None:
   """Raises WorkdirError for a workdir the run could not write or read back its checkpoints in."""
   if not workdir:
     raise WorkdirError('--workdir is empty: give a directory for checkpoints, logs and results.')
-  path = os.path.abspath(os.path.expanduser(workdir))
+  path = storage.absolute(workdir)
   bad = [c for c in _PATTERN_CHARACTERS if c in path]
   if bad:
     raise WorkdirError(
         f'--workdir={workdir}: the checkpoint library (Orbax) reads paths with '
         f'{" or ".join(map(repr, bad))} as file patterns and could not restore its checkpoints '
         f'from {path}; choose a path without [, ], \\ or **.')
+  if storage.is_remote(path):
+    _check_remote_path(workdir, path)
+    return
   if os.path.exists(path) and not os.path.isdir(path):
     raise WorkdirError(f'--workdir={workdir} is an existing file, not a directory; choose '
                        'another path.')
@@ -71,6 +82,27 @@ def check_path(workdir: str) -> None:
     what = 'the workdir' if existing == path else f'{existing}, where the workdir would be made,'
     raise WorkdirError(f'--workdir={workdir}: {what} is not writable by this user; choose a '
                        'writable path or fix its permissions.')
+
+
+def _check_remote_path(workdir: str, path: str) -> None:
+  """An object store's workdir: a bucket is named, the path is no object, and a probe object can
+  be written there (an object store has no permission bits to read beforehand)."""
+  scheme, rest = workdir.split('://', 1)
+  if not rest.split('/')[0]:
+    raise WorkdirError(f'--workdir={workdir} names no bucket; give {scheme}://BUCKET/RUN.')
+  try:
+    if storage.isfile(path):
+      raise WorkdirError(f'--workdir={workdir} is an existing object, not a directory; choose '
+                         'another path.')
+    probe = storage.join(path, f'.write_probe.{socket.gethostname()}.{os.getpid()}')
+    storage.write_atomically(probe, '')
+    storage.remove(probe)
+  except WorkdirError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # Each store raises its own types.
+    reason = ' '.join(f'{type(e).__name__}: {e}'.split())[:300]
+    raise WorkdirError(f'--workdir={workdir} cannot be written by this process ({reason}); check '
+                       'the bucket name, the credentials and their permissions.') from None
 
 
 def _read_only_filesystem(path: str) -> bool:
@@ -90,8 +122,18 @@ def locked(workdir: str) -> Iterator[None]:
   written in the file for the message. Where the filesystem has no flock, an exclusively
   created WORKDIR/lock.pid stands in for it, and one left by a dead process of this host is
   taken over. In a multi-process run each process locks its own file (lock, lock.1, ...), so a
-  second run on the same shared workdir is refused on every process.
+  second run on the same shared workdir is refused on every process. On an object store (no
+  flock) the lock is an object with a heartbeat: see remote_lock for its rule and why.
   """
+  if storage.is_remote(workdir):
+    path = storage.join(workdir, LOCK_FILE + _process_suffix())
+    try:
+      with remote_lock.locked(path, _holder(), _alive_here):
+        yield
+    except remote_lock.LockBusy as e:
+      raise WorkdirError(_busy_message(workdir, e.args[0]) +
+                         remote_lock.stale_hint(path, e.args[0])) from None
+    return
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE + _process_suffix())
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -239,19 +281,20 @@ def record_config(workdir: str, config, allowed_changes: Sequence[str] = ()) -> 
         f'{", ".join(CHANGEABLE_FIELDS)} can); the other fields shape the steps already taken, '
         'so a changed one needs a new --workdir.')
   wanted = json.loads(config.to_json()) if hasattr(config, 'to_json') else dict(config)
-  path = os.path.join(workdir, CONFIG_FILE)
+  auto = _resolve_auto_fields(wanted)
+  path = storage.join(workdir, CONFIG_FILE)
   writer = _process_suffix() == ''
-  if not os.path.exists(path):
+  if not storage.exists(path):
     if writer:
       write_atomically(path, json.dumps(wanted, indent=2) + '\n')
     return
-  stored = _current_config(workdir, path)
+  stored = _with_added_fields(_current_config(workdir, path))
   changed = {name: (old, new) for name, (old, new) in _differences(stored, wanted).items()
              if name not in FREE_FIELDS}
   refused = sorted(name for name in changed if name not in allowed_changes)
   if refused:
     listed = '; '.join(f'{name}: {_show(changed[name][0])} in the workdir, '
-                       f'{_show(changed[name][1])} now' for name in refused)
+                       f'{_show(changed[name][1])} now{auto.get(name, "")}' for name in refused)
     allowable = [name for name in refused if name in CHANGEABLE_FIELDS]
     hint = (f' To change {", ".join(allowable)} on purpose, add '
             f'--allow_config_change={",".join(allowable)}.' if allowable else '')
@@ -262,18 +305,16 @@ def record_config(workdir: str, config, allowed_changes: Sequence[str] = ()) -> 
     record = {'time': datetime.datetime.now().astimezone().isoformat(timespec='seconds'),
               'changes': {name: {'old': old, 'new': new}
                           for name, (old, new) in sorted(changed.items())}}
-    with open(os.path.join(workdir, CHANGES_FILE), 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    storage.append_text(storage.join(workdir, CHANGES_FILE), json.dumps(record) + '\n')
 
 
 def _current_config(workdir: str, path: str) -> dict[str, Any]:
   """config.json with the recorded changes applied in order."""
   try:
-    with open(path) as f:
-      config = json.load(f)
-    changes_path = os.path.join(workdir, CHANGES_FILE)
-    if os.path.exists(changes_path):
-      with open(changes_path) as f:
+    config = json.loads(storage.read_text(path))
+    changes_path = storage.join(workdir, CHANGES_FILE)
+    if storage.exists(changes_path):
+      with storage.open_text(changes_path) as f:
         for line in f:
           if line.strip():
             for name, change in json.loads(line)['changes'].items():
@@ -281,6 +322,33 @@ def _current_config(workdir: str, path: str) -> dict[str, Any]:
   except (ValueError, KeyError, TypeError) as e:
     raise WorkdirError(f'{path} or its {CHANGES_FILE} cannot be read ({e}); restore them from a '
                        'backup, or use a new --workdir.') from None
+  return config
+
+
+def _resolve_auto_fields(config: dict[str, Any]) -> dict[str, str]:
+  """Replaces config.model's 'auto' fields (dtype, channel_multiple) by what they mean on this
+  platform, as config.json records them: a workdir then resumes under 'auto' where it computes
+  the same (an old CPU workdir's 'float32' and 1 on a CPU), and is refused, naming the field,
+  where 'auto' would compute otherwise (a CPU run resumed on a GPU). Returns a note per field."""
+  from pyramidnet_jax.models import platforms  # pylint: disable=g-import-not-at-top
+  model = config.get('model')
+  if not isinstance(model, dict):
+    return {}
+  resolved = platforms.resolved_auto_fields(model)
+  model.update(resolved)
+  where = platforms.current_platform()
+  return {f'model.{field}': f" ('auto' on {where}; pass the workdir's value to resume)"
+          for field in resolved}
+
+
+def _with_added_fields(config: dict[str, Any]) -> dict[str, Any]:
+  for name, value in ADDED_FIELDS.items():
+    *parents, leaf = name.split('.')
+    tree = config
+    for parent in parents:
+      tree = tree.get(parent) if isinstance(tree, dict) else None
+    if isinstance(tree, dict) and leaf not in tree:
+      tree[leaf] = value
   return config
 
 
@@ -319,11 +387,4 @@ def _show(value: Any) -> str:
   return value if value is _ABSENT else json.dumps(value)
 
 
-def write_atomically(path: str, text: str) -> None:
-  """Readers, and a run that was killed while writing, see the old file or the new, never half."""
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+write_atomically = storage.write_atomically  # Where the other modules import it from.

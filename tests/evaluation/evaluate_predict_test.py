@@ -18,6 +18,7 @@ from pyramidnet_jax.evaluation import classifier
 from pyramidnet_jax.evaluation import evaluator
 from pyramidnet_jax.interop import loading
 from pyramidnet_jax.training import loop
+from pyramidnet_jax.training import step
 from tests import helpers
 from tests.helpers import needs_fashion
 
@@ -103,6 +104,11 @@ def write_test_images(directory, count: int):
   return subset, paths
 
 
+def network_input(images, preprocessing):
+  """Eval batch images (uint8) as the steps normalise them on the device."""
+  return np.asarray(step.device_images(images, step.Normalization.of(preprocessing)))
+
+
 def test_predict_matches_the_model_on_the_dataset_pipeline(workdir, tmp_path):
   workdir, _ = workdir
   subset, paths = write_test_images(str(tmp_path / 'images'), 5)
@@ -111,7 +117,7 @@ def test_predict_matches_the_model_on_the_dataset_pipeline(workdir, tmp_path):
   assert not errors
   assert [r['path'] for r in results] == paths
   dataset = helpers.fashion_subset(96, NUM_TEST)
-  images = next(dataset.test.eval_batches(5))['image']
+  images = network_input(next(dataset.test.eval_batches(5))['image'], dataset.preprocessing)
   expected = np.asarray(jax.nn.softmax(loaded.model.apply(loaded.variables, images)))
   for result, p in zip(results, expected):
     order = np.argsort(-p, kind='stable')[:3]
@@ -144,6 +150,7 @@ def test_predict_feeds_the_network_the_pixels_evaluation_feeds_it(workdir, tmp_p
   workdir, _ = workdir
   subset, paths = write_test_images(str(tmp_path / 'images'), 3)
   transform, channels = classifier.transform_of(loading.load_info(workdir))
-  fed_by_evaluation = next(subset.test.eval_batches(3))['image']
+  fed_by_evaluation = network_input(next(subset.test.eval_batches(3))['image'],
+                                    subset.preprocessing)
   for path, expected in zip(paths, fed_by_evaluation):
     np.testing.assert_array_equal(transform(data.read_image(path, channels)), expected)

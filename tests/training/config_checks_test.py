@@ -9,6 +9,7 @@ import pytest
 
 from configs import default
 from pyramidnet_jax.training import config_checks
+from pyramidnet_jax.training import runtime
 from tests import configs_test
 
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module:DeprecationWarning')
@@ -62,11 +63,15 @@ BAD_FIELDS = [
     ('learning_rate', float('nan'), 'a number > 0'),
     ('lr_schedule', 'linear', "one of 'piecewise', 'cosine'"),
     ('model.name', 'resnet', "one of 'pyramidnet', 'pyconvresnet', 'pyconvhgresnet'"),
-    ('model.dtype', 'float16', "one of 'bfloat16', 'float32'"),
+    ('model.dtype', 'float16', "one of 'auto', 'bfloat16', 'float32'"),
     ('model.widening', 'linear', "one of 'additive', 'multiplicative'"),
     ('model.alpha', 0.0, 'a number > 0'),
     ('model.dropout_rate', 1.0, 'a number in [0, 1)'),
-    ('model.channel_multiple', 0, 'a whole number >= 1'),
+    ('model.channel_multiple', 0, "'auto' or a whole number >= 1"),
+    ('model.channel_multiple', 8.0, "'auto' or a whole number >= 1"),  # PyramidNet needs an int.
+    ('model.channel_multiple', 'fast', "'auto' or a whole number >= 1"),
+    ('model.bn_group_size', -1, 'a whole number >= 0'),
+    ('model.bn_group_size', 2.5, 'a whole number >= 0'),
     ('bad_images', 'ignore', "one of 'skip', 'error'"),
     ('cpu_conv', 'mkl', "one of 'auto', 'onednn', 'xla'"),
     ('augment', 'yes', 'True or False'),
@@ -102,6 +107,9 @@ def test_every_bad_field_is_named_at_once():
     dict(label_smoothing=0.0), dict(weight_decay=0.0), dict(dataset='folder:/data/x'),
     dict(dataset='imagenet2012', image_size=160, color_jitter=0.4, pca_lighting=0.1),
     dict(early_stopping_patience=3, validation_fraction=0.1),
+    {'model.dtype': 'bfloat16', 'model.channel_multiple': 8, 'model.bn_group_size': 16},
+    {'model.dtype': 'float32', 'model.channel_multiple': 1, 'model.bn_group_size': 128},
+    {'model.dtype': 'auto', 'model.channel_multiple': 'auto', 'model.bn_group_size': 0},
 ], ids=str)
 def test_edge_values_that_train_are_accepted(fields):
   config_checks.validate(config_with(fields))
@@ -110,6 +118,7 @@ def test_edge_values_that_train_are_accepted(fields):
 @pytest.mark.parametrize('fields,words', [
     (dict(early_stopping_patience=3), 'needs a validation split'),
     (dict(image_size=160), 'apply to imagenet2012'),
+    ({'model.bn_group_size': 48}, 'bn_group_size = 48: must divide config.batch_size = 128'),
 ])
 def test_fields_that_need_another_one_are_refused(fields, words):
   with pytest.raises(ValueError, match=words):
@@ -124,3 +133,16 @@ def test_an_unknown_or_missing_field_is_refused():
     config_checks.validate(config)
   assert 'config.learning_rte is not a config field' in str(error.value)
   assert 'config.momentum is missing' in str(error.value)
+
+
+@pytest.mark.parametrize('group_size,num_devices', [(16, 8), (4, 8), (32, 8), (128, 8), (0, 3)])
+def test_bn_groups_within_one_device_or_over_whole_devices_are_accepted(group_size, num_devices):
+  runtime.check_bn_groups(group_size, 128, num_devices)
+
+
+def test_bn_groups_that_straddle_devices_partly_are_refused():
+  # 12 examples per device: groups of 8 would take 8 from device 0, then 4 from device 0 and 4
+  # from device 1.
+  with pytest.raises(ValueError, match=r'bn_group_size=8 straddles devices: each of the 8 '
+                     r'devices holds 12 examples .* divides 12'):
+    runtime.check_bn_groups(8, 96, 8)
