@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Multi-host training without a scheduler: one JAX process per host, all devices of the host each.
+# Multi-host training. Layout: ONE JAX PROCESS PER HOST, WHICH DRIVES EVERY GPU (or TPU chip) OF
+# ITS HOST; with --devices_per_process=K the program stops before training unless JAX sees K*N
+# devices over the N processes.
 #
 # On each of N hosts (the same command, with I = 0 .. N-1; HOST:PORT is host 0's address):
-#   launch/multihost.sh --coordinator=HOST:PORT --num_processes=N --process_id=I -- \
+#   launch/multihost.sh --coordinator=HOST:PORT --num_processes=N --process_id=I --devices_per_process=8 -- \
 #       --config=configs/cifar10_110_a48.py --workdir=/shared/runs/c10
+# Inside a SLURM allocation (salloc --nodes=N --gpus-per-node=8), one task per node; the tasks
+# find each other through SLURM and the job's GPU count is checked from SLURM's variables:
+#   srun --ntasks-per-node=1 launch/multihost.sh -- --config=configs/cifar10_110_a48.py --workdir=/shared/runs/c10
 # On this machine, N processes on the CPU (a test of the multi-host path; no cluster needed):
 #   launch/multihost.sh --local 2 -- --config=configs/fashion_mnist_demo.py --workdir=runs/demo_2proc
 #
@@ -14,8 +19,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 usage() {
   cat <<EOF
-usage: launch/multihost.sh --coordinator=HOST:PORT --num_processes=N --process_id=I -- MAIN_ARGS...
+usage: launch/multihost.sh --coordinator=HOST:PORT --num_processes=N --process_id=I [--devices_per_process=K] -- MAIN_ARGS...
        launch/multihost.sh --local N [--devices_per_process=K] -- MAIN_ARGS...
+       srun --ntasks-per-node=1 launch/multihost.sh [--devices_per_process=K] -- MAIN_ARGS...  (SLURM)
 
 Runs \`python -m pyramidnet_jax.main MAIN_ARGS...\` as one process of a multi-process JAX job.
 
@@ -24,10 +30,20 @@ the host with process_id 0 that the others can reach, on a free port):
   --coordinator=HOST:PORT   passed on as --coordinator_address
   --num_processes=N         the number of hosts (processes) in the job
   --process_id=I            this host's index, 0 .. N-1
+  --devices_per_process=K   the GPUs (TPU chips) of each host: passes --expected_devices=K*N,
+                            and the program stops with one error line unless JAX sees exactly
+                            that many devices over all processes
+Each process drives every GPU it sees, also inside a SLURM allocation (where JAX on its own
+would give it only the GPU of its SLURM_LOCALID).
+In a SLURM job step or an Open MPI job (srun or mpirun, no flags): the processes find each other
+through the scheduler, each drives all the GPUs of its node (one task per node), and the program
+stops with one error line if JAX sees another number of GPUs than the job asked for (SLURM's
+variables; with --devices_per_process=K also K x the number of tasks).
 Local (N processes on this machine, on the CPU unless JAX_PLATFORMS is set; coordinator on
 127.0.0.1 at a free port; waits for all and fails, stopping the rest, as soon as one fails):
   --local N                 the number of processes
-  --devices_per_process=K   K CPU devices per process (XLA_FLAGS=--xla_force_host_platform_device_count=K)
+  --devices_per_process=K   K CPU devices per process (XLA_FLAGS=--xla_force_host_platform_device_count=K),
+                            checked as above
 Environment: PYTHON (default: the repository's .venv/bin/python if present, else python3).
 The workdir must be one directory that every process sees (a shared filesystem across hosts).
 
@@ -58,6 +74,11 @@ while (($#)); do
   shift
 done
 (($#)) || die 'no training arguments: give them after --, e.g. -- --config=configs/fashion_mnist_demo.py --workdir=runs/x'
+[[ -z "$devices_per_process" ]] || is_count "$devices_per_process" \
+  || die "--devices_per_process must be a positive integer, got '$devices_per_process'"
+# main's --expected_devices for N processes: the device count asked for, checked by the program.
+expected=()
+expect() { [[ -z "$devices_per_process" ]] || expected=("--expected_devices=$((devices_per_process * $1))"); }
 
 if [[ -n "${PYTHON:-}" ]]; then
   python="$PYTHON"
@@ -69,24 +90,36 @@ fi
 # `-m pyramidnet_jax.main` and the configs' `from configs import default` work from any directory.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
+in_scheduler_step() {  # srun (SLURM_STEP_ID, not the batch script's) or mpirun
+  [[ -n "${OMPI_MCA_orte_hnp_uri:-}" ]] \
+    || [[ -n "${SLURM_PROCID:-}" && "${SLURM_STEP_ID:-}" =~ ^[0-9]+$ && ${#SLURM_STEP_ID} -lt 10 ]]
+}
+if [[ -z "$local_n$coordinator$num_processes$process_id" ]] && in_scheduler_step; then
+  ((${SLURM_PROCID:-${OMPI_COMM_WORLD_RANK:-0}} > 0)) \
+    || echo "launch/multihost.sh: ${SLURM_NTASKS:-${OMPI_COMM_WORLD_SIZE:-?}} processes from the scheduler; they find each other by themselves" >&2
+  tasks="${SLURM_NTASKS:-${OMPI_COMM_WORLD_SIZE:-1}}"
+  is_count "$tasks" || die "the scheduler's task count is not a number: '$tasks'"
+  expect "$tasks"
+  exec "$python" -m pyramidnet_jax.main ${expected[@]+"${expected[@]}"} "$@"
+fi
+
 if [[ -z "$local_n" ]]; then
-  [[ -n "$coordinator$num_processes$process_id" ]] || die 'give --coordinator, --num_processes and --process_id, or --local N'
+  [[ -n "$coordinator$num_processes$process_id" ]] || die 'give --coordinator, --num_processes and --process_id, or --local N (or start it with srun or mpirun)'
   [[ -n "$coordinator" && -n "$num_processes" && -n "$process_id" ]] \
     || die '--coordinator, --num_processes and --process_id go together'
   [[ "$coordinator" =~ ^[^:]+:[0-9]+$ ]] || die "--coordinator must be HOST:PORT, got '$coordinator'"
   is_count "$num_processes" || die "--num_processes must be a positive integer, got '$num_processes'"
+  # shellcheck disable=SC2015  # die exits: no fall-through.
   [[ "$process_id" =~ ^[0-9]+$ ]] && ((process_id < num_processes)) \
     || die "--process_id must be in 0 .. $((num_processes - 1)), got '$process_id'"
-  [[ -z "$devices_per_process" ]] || die '--devices_per_process goes with --local'
+  expect "$num_processes"
   exec "$python" -m pyramidnet_jax.main --coordinator_address="$coordinator" \
-    --num_processes="$num_processes" --process_id="$process_id" "$@"
+    --num_processes="$num_processes" --process_id="$process_id" ${expected[@]+"${expected[@]}"} "$@"
 fi
 
 [[ -z "$coordinator$num_processes$process_id" ]] \
   || die '--local chooses the coordinator and process ids itself: drop --coordinator, --num_processes and --process_id'
 is_count "$local_n" || die "--local needs a positive number of processes, got '$local_n'"
-[[ -z "$devices_per_process" ]] || is_count "$devices_per_process" \
-  || die "--devices_per_process must be a positive integer, got '$devices_per_process'"
 
 # A port that is free now (the coordinator, process 0, binds it a moment later).
 port_python=python3
@@ -98,6 +131,7 @@ if [[ -n "$devices_per_process" ]]; then
 fi
 echo "launch/multihost.sh: $local_n processes, coordinator 127.0.0.1:$port, JAX_PLATFORMS=$JAX_PLATFORMS" >&2
 
+expect "$local_n"
 pids=()
 stop_all() {
   local pid
@@ -109,7 +143,8 @@ trap 'stop_all; exit 130' INT TERM
 
 for ((i = 0; i < local_n; i++)); do
   cmd=("$python" -m pyramidnet_jax.main --coordinator_address="127.0.0.1:$port"
-       --num_processes="$local_n" --process_id="$i" "$@")
+       --num_processes="$local_n" --process_id="$i"
+       ${expected[@]+"${expected[@]}"} "$@")
   if ((i == 0)); then
     "${cmd[@]}" &
   else  # The other processes' lines are prefixed with their id.

